@@ -1,0 +1,63 @@
+"""One place that starts or joins Ray: an embedded local cluster by default, any cluster by address."""
+
+from __future__ import annotations
+
+import os
+
+DEFAULT_ENV = {
+    # Offline W&B needs no key or network; Ray's W&B checks read the environment, not mode=.
+    "WANDB_MODE": "offline",
+    "WANDB_SILENT": "true",
+    # our driver shows one progress display; Ray Data's per-dataset bars would bury it
+    "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
+    # DeepSpeed picks its CPU accelerator on machines without CUDA; say so explicitly there.
+    **(
+        {}
+        if os.environ.get("CUDA_VISIBLE_DEVICES") or os.path.exists("/dev/nvidia0")
+        else {"DS_ACCELERATOR": "cpu"}
+    ),
+}
+
+
+def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """Environment every Ray worker gets: our defaults, the user's WANDB_* settings, then `extra`."""
+    env = dict(DEFAULT_ENV)
+    env.update({k: v for k, v in os.environ.items() if k.startswith("WANDB_") and k != "WANDB_API_KEY"})
+    env.update(extra or {})
+    return env
+
+
+def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool = True):
+    """Join the cluster at `address` (or $RAY_ADDRESS); start an embedded one when neither is set.
+
+    The embedded cluster advertises at least 4 logical CPUs on small machines: two 1-CPU
+    training workers would otherwise take every slot and starve the Ray Data tasks that
+    feed them (and Tune's trial drivers).
+    """
+    import ray
+    from ray.data import DataContext
+
+    # Train copies the driver's DataContext to its workers, so this reaches them too
+    DataContext.get_current().enable_progress_bars = False
+    if ray.is_initialized():
+        return ray.get_runtime_context()
+    address = address or os.environ.get("RAY_ADDRESS")
+    runtime_env = {"env_vars": worker_env()}
+    if address:
+        try:
+            return ray.init(
+                address=address, runtime_env=runtime_env, log_to_driver=True, logging_level="ERROR"
+            )
+        except (ConnectionError, RuntimeError, ValueError) as e:
+            raise ConnectionError(f"no Ray cluster at {address}: {str(e).splitlines()[0]}") from None
+    cpus = num_cpus or max(os.cpu_count() or 1, 4)
+    return ray.init(
+        num_cpus=cpus,
+        runtime_env=runtime_env,
+        # the dashboard hosts the state API that Train's controller polls (and Tune needs it
+        # to release placement groups between sequential trials); on loopback only
+        include_dashboard=True,
+        dashboard_host="127.0.0.1",
+        logging_level="ERROR",
+        configure_logging=quiet,
+    )

@@ -1,0 +1,157 @@
+"""`deepfleet COMMAND CONFIG [--profile NAME] [--set key.path=value ...]`; each is also `python -m jobs.<name>`."""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Train, search and serve big models on Ray clusters with DeepSpeed.",
+)
+err = Console(stderr=True)
+out = Console()
+
+Profile = Annotated[
+    str | None, typer.Option("--profile", "-p", help="Named profile of the recipe (tiny, full, ...).")
+]
+Sets = Annotated[
+    list[str] | None,
+    typer.Option("--set", "-s", help="Override a recipe field: dotted.key=value (repeatable)."),
+]
+Address = Annotated[
+    str | None,
+    typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else an embedded local cluster)."),
+]
+OutputDir = Annotated[str | None, typer.Option(help="Where run directories live (default ./runs).")]
+Name = Annotated[str | None, typer.Option(help="Run name; a run whose name exists is resumed.")]
+Config = Annotated[Path, typer.Argument(help="Recipe YAML, e.g. configs/retinopathy.yaml.")]
+
+
+def user_facing(fn):
+    """Mistakes a user can make end in one line on stderr and exit 1, never a stack trace."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from jobs.errors import user_errors
+
+        try:
+            return fn(*args, **kwargs)
+        except user_errors() as e:
+            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
+        except KeyboardInterrupt:
+            err.print("interrupted: start the same command again to resume from the last checkpoint")
+            raise typer.Exit(130) from None
+
+    return wrapper
+
+
+def _recipe(
+    config: Path,
+    profile: str | None,
+    sets: list[str] | None,
+    output_dir: str | None = None,
+    name: str | None = None,
+):
+    from jobs.config import load_recipe
+
+    sets = list(sets or [])
+    if output_dir:
+        sets.append(f"run.output_dir={output_dir}")
+    if name:
+        sets.append(f"run.name={name}")
+    return load_recipe(config, profile, sets)
+
+
+def _metrics_table(title: str, metrics: dict, baseline: dict | None = None) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("model", justify="right")
+    if baseline:
+        table.add_column(f"baseline ({baseline.get('predictor', 'trivial')})", justify="right")
+    for k, v in metrics.items():
+        if isinstance(v, float):
+            row = [k, f"{v:.4f}"]
+            if baseline:
+                b = baseline.get(k)
+                row.append(f"{b:.4f}" if isinstance(b, float) else "")
+            table.add_row(*row)
+    return table
+
+
+@app.command()
+@user_facing
+def prepare(config: Config, profile: Profile = None, set_: Sets = None):
+    """Generate or import the recipe's data into Parquet shards with a manifest."""
+    from jobs import tasks
+
+    recipe = _recipe(config, profile, set_)
+    manifest = tasks.get(recipe.task).prepare(recipe)
+    rows = {k: v["rows"] for k, v in manifest["splits"].items()}
+    out.print(f"{recipe.data.root}: {rows} fingerprint {manifest['fingerprint'][:16]}")
+
+
+@app.command()
+@user_facing
+def train(
+    config: Config,
+    profile: Profile = None,
+    set_: Sets = None,
+    address: Address = None,
+    output_dir: OutputDir = None,
+    name: Name = None,
+):
+    """Train with DeepSpeed on Ray Train; export the model; write summary.json."""
+    from jobs.train import train as run
+
+    summary = run(_recipe(config, profile, set_, output_dir, name), address=address)
+    out.print(
+        _metrics_table(
+            f"{summary['run']}: validation after {summary['steps']} steps",
+            summary["metrics"],
+            summary["baseline"],
+        )
+    )
+    out.print(
+        f"samples/s {summary['samples_per_s'] or 0:.1f}  world {summary['world_size']}  ZeRO "
+        f"{summary['zero_stage']}  {summary['dtype']}  wall {summary['wall_s']} s"
+    )
+    out.print(f"summary: {summary['paths']['run_dir']}/summary.json\nmodel:   {summary['paths']['model']}")
+
+
+@app.command()
+@user_facing
+def evaluate(
+    config: Config,
+    profile: Profile = None,
+    set_: Sets = None,
+    output_dir: OutputDir = None,
+    name: Name = None,
+    split: str = typer.Option("test", help="Split to score."),
+    model: str | None = typer.Option(None, help="Exported model folder (default: the run's model/)."),
+):
+    """Score an exported model on a split with torch alone; write metrics.json and a confusion matrix."""
+    from jobs.evaluate import evaluate as run
+
+    recipe = _recipe(config, profile, set_, output_dir, name)
+    model_dir = Path(model) if model else recipe.run_dir / "model"
+    result = run(model_dir, recipe.data.root, split=split)
+    out.print(_metrics_table(f"{model_dir} on {split}", result))
+    out.print(f"plots: {', '.join(result['plots'])}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    app(args=argv if argv is not None else sys.argv[1:], prog_name="deepfleet")
+
+
+if __name__ == "__main__":
+    main()

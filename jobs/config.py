@@ -1,0 +1,273 @@
+"""Typed recipes: one YAML per task sets values; these classes say what each value means.
+
+A recipe file holds the full-size recipe at the top level and named ``profiles`` (``tiny``,
+``full``, ...) that override parts of it. Loading applies, in order: the file, the profile,
+then ``--set dotted.key=value`` overrides; the result is validated once, strictly (unknown
+keys are errors that name the key and suggest close valid ones).
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(Exception):
+    """A recipe mistake a user can make; the message is one line naming the key."""
+
+
+class Section(BaseModel):
+    # extra="forbid": a typo in a recipe must fail loudly, not train with a default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
+
+
+class RetinopathyData(Section):
+    source: Literal["synthetic", "eyepacs", "aptos", "auto"] = "synthetic"
+    """Where images come from: the synthetic fundus generator, or an importer for a public layout."""
+    import_path: str | None = None
+    """Folder holding an EyePACS (`trainLabels.csv`) or APTOS (`train.csv`) download; importers only."""
+    root: str = "data/retinopathy"
+    """Folder of the Parquet shards and `manifest.json` (created by `deepfleet prepare`)."""
+    num_images: int = Field(20000, ge=10)
+    """Synthetic images to generate (both eyes of num_images/2 patients)."""
+    image_size: int = Field(299, ge=16, le=2048)
+    """Side of the square image the model sees (299 for InceptionV3, 512 for ResNet-50)."""
+    rows_per_shard: int = Field(2048, ge=1)
+    """Rows per Parquet shard."""
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    """Share of patients in the validation split."""
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    """Share of patients in the test split."""
+    label_noise: float = Field(0.05, ge=0.0, le=1.0)
+    """Synthetic only: share of labels moved to a neighbouring grade, as graders disagree."""
+    on_bad_image: Literal["skip", "fail"] = "skip"
+    """An image that does not decode: skip it and count it in the manifest, or stop with its name."""
+    augment: bool = True
+    """Random flips, small rotations and colour jitter on the training split."""
+    seed: int = 0
+    """Seed of generation and of the patient split."""
+
+    @model_validator(mode="after")
+    def _fractions(self) -> RetinopathyData:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must be below 1")
+        return self
+
+
+class RetinopathyModel(Section):
+    name: Literal["retinopathy"] = "retinopathy"
+    """Registry name of the architecture."""
+    flavour: str = "full"
+    """Registry flavour: `tiny` (ResNet-10, CPU), `full` (InceptionV3 299 px) or `resnet50` (512 px)."""
+    backbone: Literal["inception_v3", "resnet50", "resnet10"] | None = None
+    """Overrides the flavour's backbone."""
+    pretrained: str | None = None
+    """Local path of a backbone state dict (.pt/.pth/.safetensors); None starts from random weights."""
+    freeze: Literal["none", "early", "all"] = "none"
+    """Backbone layers kept fixed: none, the stem and first stages, or the whole backbone."""
+    dropout: float = Field(0.3, ge=0.0, lt=1.0)
+    """Dropout before and after the hidden layer of the head."""
+    hidden: int = Field(512, ge=1)
+    """Width of the head's hidden layer."""
+
+    def build_kwargs(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"name", "flavour"}, exclude_none=True)
+
+
+class TrainSection(Section):
+    epochs: int = Field(10, ge=1)
+    """Passes over the training split."""
+    max_steps: int | None = Field(None, ge=1)
+    """Stop after this many optimizer steps in total (across resumes), whatever `epochs` says."""
+    batch_size: int = Field(32, ge=1)
+    """Micro-batch per worker; the global batch is batch_size x grad_accum x workers."""
+    grad_accum: int = Field(1, ge=1)
+    """Micro-batches accumulated before each optimizer step."""
+    lr: float = Field(3e-4, gt=0)
+    """Peak learning rate of AdamW."""
+    weight_decay: float = Field(1e-4, ge=0)
+    """AdamW weight decay."""
+    warmup_steps: int = Field(100, ge=0)
+    """Linear warm-up steps before the cosine decay."""
+    min_lr_ratio: float = Field(0.0, ge=0.0, le=1.0)
+    """Floor of the cosine decay as a share of the peak learning rate."""
+    grad_clip: float = Field(1.0, ge=0.0)
+    """Global gradient-norm clipping (0 turns it off)."""
+    aux_loss_weight: float = Field(0.4, ge=0.0)
+    """Weight of InceptionV3's auxiliary classifier loss during training."""
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    """DeepSpeed ZeRO stage: 0 data parallel, 1 optimizer states, 2 + gradients, 3 + parameters."""
+    offload: Literal["none", "cpu"] = "none"
+    """ZeRO offload of optimizer states (and parameters at stage 3) to CPU memory; needs GPUs."""
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    """Compute dtype: auto is bf16 on GPUs that support it, fp32 otherwise."""
+    seed: int = 0
+    """Seed of initialisation and augmentation."""
+    log_every: int = Field(10, ge=1)
+    """Optimizer steps between progress lines (and W&B points)."""
+    checkpoint_every: int | None = Field(None, ge=1)
+    """Also checkpoint every this many optimizer steps inside an epoch (checkpoints always close an epoch)."""
+    trace_batches: bool = False
+    """Record the sample ids of every step in metrics.jsonl (to check the maths against plain PyTorch)."""
+
+
+class ScalingSection(Section):
+    num_workers: int = Field(2, ge=1)
+    """Ray Train workers (one per GPU on GPU clusters)."""
+    use_gpu: bool = False
+    """One GPU per worker, NCCL between them; otherwise CPU workers over gloo."""
+    cpus_per_worker: float = Field(1.0, gt=0)
+    """CPUs each worker reserves (its torch thread count on CPU)."""
+
+
+class RunSection(Section):
+    output_dir: str = "runs"
+    """Where run directories live; a shared filesystem on multi-node clusters."""
+    name: str | None = None
+    """Run name (default `<task>-<profile>`); starting a run whose name exists resumes it."""
+    max_failures: int = Field(2, ge=-1)
+    """Worker-group failures Ray Train recovers from (from the last checkpoint); -1 is unlimited."""
+    keep_checkpoints: int = Field(2, ge=1)
+    """Most recent checkpoints kept on storage."""
+
+
+class WandbSection(Section):
+    mode: Literal["offline", "online", "disabled"] = "offline"
+    """offline writes files under the run directory (`wandb sync` uploads them); online needs WANDB_API_KEY."""
+    project: str = "deepfleet"
+    """W&B project."""
+    entity: str | None = None
+    """W&B team or user."""
+    group: str | None = None
+    """W&B group (Tune sweeps group their trials)."""
+
+
+class RecipeBase(Section):
+    profile: str | None = None
+    """Profile the recipe was resolved with (set by the loader)."""
+    train: TrainSection = TrainSection()
+    scaling: ScalingSection = ScalingSection()
+    run: RunSection = RunSection()
+    wandb: WandbSection = WandbSection()
+
+    @property
+    def run_name(self) -> str:
+        return self.run.name or f"{self.task}-{self.profile or 'default'}"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir).expanduser().resolve() / self.run_name
+
+    def config_hash(self) -> str:
+        """Hash of what changes the trained model (not where it is written or logged)."""
+        payload = self.model_dump(mode="json", exclude={"run", "wandb", "profile"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class RetinopathyRecipe(RecipeBase):
+    task: Literal["retinopathy"] = "retinopathy"
+    data: RetinopathyData = RetinopathyData()
+    model: RetinopathyModel = RetinopathyModel()
+
+
+RECIPES: dict[str, type[RecipeBase]] = {"retinopathy": RetinopathyRecipe}
+
+
+# ---------------------------------------------------------------- loading
+
+
+def _deep_merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _parse_set(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set expects dotted.key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    # YAML parsing gives `3` -> int, `1e-3` -> float, `null` -> None, `[1,2]` -> list.
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), value
+
+
+def _valid_keys(cls: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in cls.model_fields.items():
+        keys.append(prefix + name)
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            keys.extend(_valid_keys(ann, prefix + name + "."))
+    return keys
+
+
+def _error_line(err: ValidationError, cls: type[BaseModel], source: str) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"] if not isinstance(p, int))
+    if first["type"] == "extra_forbidden":
+        close = difflib.get_close_matches(loc, _valid_keys(cls), n=3, cutoff=0.5)
+        leaf = loc.rsplit(".", 1)[-1]
+        close = close or difflib.get_close_matches(leaf, [k.rsplit(".", 1)[-1] for k in _valid_keys(cls)])
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        return f"{source}: unknown config key '{loc}'{hint}"
+    more = f" (+{len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    value = first.get("input")
+    shown = f" (got {value!r})" if not isinstance(value, dict | list) else ""
+    return f"{source}: {loc or 'recipe'}: {first['msg']}{shown}{more}"
+
+
+def load_recipe(
+    path: str | Path, profile: str | None = None, overrides: list[str] | None = None
+) -> RecipeBase:
+    """Read a recipe file, apply a profile and ``--set`` overrides, validate strictly."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: a recipe is a mapping of sections")
+    profiles = raw.pop("profiles", {}) or {}
+    if profile is not None:
+        if profile not in profiles:
+            raise ConfigError(f"{path}: no profile '{profile}' (profiles: {', '.join(profiles) or 'none'})")
+        raw = _deep_merge(raw, profiles[profile] or {})
+        raw["profile"] = profile
+    for item in overrides or []:
+        keys, value = _parse_set(item)
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {item}: '{k}' is not a section")
+        node[keys[-1]] = value
+    task = raw.get("task")
+    if task not in RECIPES:
+        raise ConfigError(f"{path}: 'task' must be one of {', '.join(RECIPES)} (got {task!r})")
+    cls = RECIPES[task]
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_error_line(e, cls, str(path))) from None
+
+
+def recipe_from_dict(data: dict) -> RecipeBase:
+    """Rebuild a recipe from `model_dump()` output (on workers, from a run directory)."""
+    return RECIPES[data["task"]].model_validate(data)
+
+
+def save_recipe(recipe: RecipeBase, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(recipe.model_dump(mode="json"), sort_keys=False))

@@ -1,0 +1,60 @@
+"""Evaluate an exported model with torch alone: score a split, write metrics.json and plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from jobs import tasks
+from jobs.export import load_exported
+
+
+@torch.no_grad()
+def evaluate(
+    model_dir: str | Path,
+    data_root: str | Path,
+    split: str = "test",
+    out_dir: Path | None = None,
+    batch_size: int = 64,
+) -> dict:
+    from data_loaders.shards import load_manifest, verify
+
+    model, card = load_exported(model_dir)
+    task = tasks.get(card["task"])
+    manifest = load_manifest(data_root)
+    if split not in manifest["splits"]:
+        raise FileNotFoundError(
+            f"no split '{split}' in {data_root} (splits: {', '.join(manifest['splits'])})"
+        )
+    verify(data_root, manifest, splits=[split])
+    metric = task.metrics()
+    outputs, targets = [], []
+    for batch in task.iter_split(data_root, split, batch_size, card["input"]["image_size"]):
+        (x,) = task.inputs(batch, torch.device("cpu"), torch.float32)
+        y = task.targets(batch, torch.device("cpu"))
+        logits = model(x)
+        metric.update(logits, y)
+        outputs.append(logits.numpy())
+        targets.append(y.numpy())
+    result = {
+        "split": split,
+        "model": str(model_dir),
+        "data_fingerprint": manifest["fingerprint"],
+        **metric.compute(),
+    }
+    out_dir = Path(out_dir or Path(model_dir).parent / "eval" / split)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    result["plots"] = task.plot(np.concatenate(outputs), np.concatenate(targets), out_dir)
+    (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+if __name__ == "__main__":
+    import sys
+
+    from jobs.cli import main
+
+    main(["evaluate", *sys.argv[1:]])

@@ -1,0 +1,165 @@
+"""Diabetic-retinopathy grading: 5 ICDR grades, kappa-gated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torchmetrics.classification import BinaryRecall, BinarySpecificity, CohenKappa, MulticlassAccuracy
+
+import models
+from data_loaders import retinopathy as data
+from jobs.config import RetinopathyRecipe
+
+REFERABLE = 2  # grade >= 2 (moderate NPDR or worse) is referred to an ophthalmologist
+METRICS = ("kappa", "accuracy", "referable_sensitivity", "referable_specificity")
+
+
+def prepare(recipe: RetinopathyRecipe) -> dict:
+    d = recipe.data
+    return data.prepare(
+        source=d.source,
+        root=d.root,
+        num_images=d.num_images,
+        image_size=d.image_size,
+        rows_per_shard=d.rows_per_shard,
+        val_fraction=d.val_fraction,
+        test_fraction=d.test_fraction,
+        seed=d.seed,
+        label_noise=d.label_noise,
+        import_path=d.import_path,
+        on_bad_image=d.on_bad_image,
+    )
+
+
+def datasets(recipe: RetinopathyRecipe, manifest: dict) -> dict:
+    d = recipe.data
+    return {
+        "train": data.read_split(d.root, "train", d.image_size, augment=d.augment, manifest=manifest),
+        # decoded once and kept in the object store: each epoch's validation then skips
+        # re-reading and re-decoding (seconds of Ray Data start-up per epoch on small machines)
+        "val": data.read_split(d.root, "val", d.image_size, augment=False, manifest=manifest).materialize(),
+    }
+
+
+def build_model(recipe: RetinopathyRecipe) -> torch.nn.Module:
+    return models.build(recipe.model.name, recipe.model.flavour, **recipe.model.build_kwargs())
+
+
+def inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor]:
+    return (torch.as_tensor(batch["image"], device=device, dtype=dtype),)
+
+
+def targets(batch: dict, device: torch.device) -> torch.Tensor:
+    return torch.as_tensor(batch["label"], device=device, dtype=torch.long)
+
+
+def loss(recipe: RetinopathyRecipe, output, batch: dict, device: torch.device) -> torch.Tensor:
+    y = targets(batch, device)
+    if isinstance(output, tuple):  # InceptionV3 in training: (logits, aux_logits)
+        logits, aux = output
+        return F.cross_entropy(logits.float(), y) + recipe.train.aux_loss_weight * F.cross_entropy(
+            aux.float(), y
+        )
+    return F.cross_entropy(output.float(), y)
+
+
+def sample_ids(batch: dict) -> list[str]:
+    return [str(i) for i in batch["image_id"]]
+
+
+class GradeMetrics(torchmetrics.Metric):
+    """Kappa, accuracy and referable-DR sensitivity/specificity; syncs across ranks by itself."""
+
+    full_state_update = False
+
+    def __init__(self, num_classes: int = models.retinopathy.NUM_GRADES):
+        super().__init__()
+        self.kappa = CohenKappa(task="multiclass", num_classes=num_classes, weights="quadratic")
+        self.accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
+        self.sensitivity = BinaryRecall()
+        self.specificity = BinarySpecificity()
+        self.add_state("loss_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, logits: torch.Tensor, target: torch.Tensor) -> None:
+        logits = logits.float()
+        pred = logits.argmax(dim=1)
+        self.kappa.update(pred, target)
+        self.accuracy.update(pred, target)
+        self.sensitivity.update((pred >= REFERABLE).long(), (target >= REFERABLE).long())
+        self.specificity.update((pred >= REFERABLE).long(), (target >= REFERABLE).long())
+        self.loss_sum += F.cross_entropy(logits, target, reduction="sum").double()
+        self.count += target.numel()
+
+    def compute(self) -> dict[str, float]:
+        return {
+            "kappa": float(self.kappa.compute()),
+            "accuracy": float(self.accuracy.compute()),
+            "referable_sensitivity": float(self.sensitivity.compute()),
+            "referable_specificity": float(self.specificity.compute()),
+            "val_loss": float(self.loss_sum / self.count.clamp(min=1)),
+            "val_rows": int(self.count),
+        }
+
+
+def metrics(recipe: RetinopathyRecipe | None = None) -> GradeMetrics:
+    return GradeMetrics()
+
+
+def baseline(manifest: dict) -> dict[str, float]:
+    """A constant guess of the training split's most common grade (kappa 0 by definition)."""
+    counts = manifest["meta"]["class_counts"]  # per split: a count per grade
+    train, val = (np.asarray(counts[split], dtype=float) for split in ("train", "val"))
+    guess = int(train.argmax())
+    positives = val[REFERABLE:].sum()
+    return {
+        "predictor": f"constant grade {guess}",
+        "kappa": 0.0,
+        "accuracy": float(val[guess] / max(val.sum(), 1)),
+        "referable_sensitivity": 1.0 if guess >= REFERABLE and positives else 0.0,
+        "referable_specificity": 0.0 if guess >= REFERABLE else 1.0,
+    }
+
+
+def image_size(recipe: RetinopathyRecipe) -> int:
+    return recipe.data.image_size
+
+
+def iter_split(root: str | Path, split: str, batch_size: int, image_size: int):
+    """Decoded batches of a split without Ray (offline evaluation)."""
+    return data.iter_split_numpy(root, split, batch_size, image_size)
+
+
+def plot(logits: np.ndarray, labels: np.ndarray, out_dir: Path) -> list[str]:
+    """Confusion matrix of grades, counts and row-normalised side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    grades = ["0 none", "1 mild", "2 moderate", "3 severe", "4 prolif."]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 5))
+    for ax, norm, title in ((axes[0], None, "counts"), (axes[1], "true", "share of true grade")):
+        ConfusionMatrixDisplay.from_predictions(
+            labels,
+            logits.argmax(1),
+            labels=range(len(grades)),
+            display_labels=grades,
+            normalize=norm,
+            ax=ax,
+            colorbar=False,
+            values_format=".2f" if norm else "d",
+        )
+        ax.set_title(title)
+        ax.tick_params(axis="x", rotation=30)
+    fig.suptitle(f"Retinopathy grades: {len(labels)} images")
+    fig.tight_layout()
+    path = Path(out_dir) / "confusion_matrix.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [str(path)]

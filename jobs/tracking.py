@@ -1,0 +1,135 @@
+"""Rank and logging live here: W&B from rank 0 only, progress from rank 0 to the driver."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+
+def wandb_id(run_dir: Path) -> str:
+    """Stable across resumes of one run directory, distinct between directories."""
+    slug = re.sub(r"[^A-Za-z0-9_-]", "-", run_dir.name)[:48]
+    return f"{slug}-{hashlib.sha256(str(run_dir).encode()).hexdigest()[:8]}"
+
+
+class RunLogger:
+    """W&B run of rank 0; every other rank gets a no-op. Offline files live under the run dir."""
+
+    def __init__(self, rank: int, recipe, run_dir: Path):
+        self.run = None
+        self.path: str | None = None
+        if rank != 0 or recipe.wandb.mode == "disabled":
+            return
+        import wandb
+
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.run = wandb.init(
+            project=recipe.wandb.project,
+            entity=recipe.wandb.entity,
+            group=recipe.wandb.group or recipe.task,
+            name=recipe.run_name,
+            id=wandb_id(run_dir),
+            resume="allow",
+            dir=str(run_dir),
+            mode=recipe.wandb.mode,
+            config=recipe.model_dump(mode="json"),
+            settings=wandb.Settings(silent=True, console="off"),
+        )
+        # offline: the folder `wandb sync` uploads; online: the run's page
+        self.path = str(Path(self.run.dir).parent) if recipe.wandb.mode == "offline" else self.run.url
+
+    def log(self, metrics: dict[str, Any], step: int) -> None:
+        if self.run is not None:
+            self.run.log({k: v for k, v in metrics.items() if isinstance(v, int | float)}, step=step)
+
+    def summary(self, metrics: dict[str, Any]) -> None:
+        if self.run is not None:
+            self.run.summary.update(metrics)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+class Progress:
+    """Driver side: reads rank 0's progress messages, appends them to metrics.jsonl, shows them.
+
+    On a terminal a live bar (step, loss, samples/s); in logs (`ray job logs`, CI) one line per message.
+    """
+
+    def __init__(self, queue, metrics_path: Path, total_steps: int, title: str):
+        from rich.console import Console
+
+        self.queue, self.path, self.total, self.title = queue, metrics_path, total_steps, title
+        self.console = Console(stderr=True)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._pump, daemon=True)
+        self._bar = None
+
+    def __enter__(self) -> Progress:
+        if self.console.is_terminal:
+            from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
+            from rich.progress import Progress as Bar
+
+            self._bar = Bar(
+                TextColumn("[bold]{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[info]}"),
+                TimeRemainingColumn(),
+                console=self.console,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(self.title, total=self.total, info="starting workers...")
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self._drain()
+        if self._bar is not None:
+            self._bar.stop()
+
+    def _pump(self) -> None:
+        while not self._stop.is_set():
+            self._drain(timeout=0.5)
+
+    def _drain(self, timeout: float | None = None) -> None:
+        try:
+            items = (
+                self.queue.get_nowait_batch(self.queue.qsize())
+                if timeout is None
+                else [self.queue.get(timeout=timeout)]
+            )
+        except Exception:  # empty queue (or the queue actor is gone with the cluster)
+            return
+        with self.path.open("a") as f:
+            for item in items:
+                f.write(json.dumps(item) + "\n")
+                self._show(item)
+
+    def _show(self, m: dict) -> None:
+        kind = m.get("kind")
+        if kind == "train":
+            info = f"epoch {m['epoch']}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  {m['samples_per_s']:.1f} samples/s"
+            if self._bar is not None:
+                self._bar.update(self._task, completed=m["step"], info=info)
+            else:
+                self._print(f"step {m['step']}/{self.total}  {info}")
+        elif kind == "val":
+            shown = "  ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float) and k != "time")
+            self._print(f"validation after epoch {m['epoch']} (step {m['step']}): {shown}")
+        elif kind == "restore":
+            self._print(f"resumed from the checkpoint of step {m['step']} (epoch {m['epoch']})")
+
+    def _print(self, line: str) -> None:
+        if self._bar is not None:
+            self._bar.console.print(line, highlight=False)
+        else:
+            print(line, file=sys.stderr, flush=True)

@@ -1,0 +1,238 @@
+"""Train driver: recipe -> data -> Ray Train (TorchTrainer + DeepSpeed workers) -> export -> summary.json.
+
+python -m jobs.train configs/retinopathy.yaml --profile tiny [--set key=value ...] [--address ...]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from jobs import tasks
+from jobs.config import ConfigError, RecipeBase, save_recipe
+from jobs.errors import UserError
+
+
+def plan_steps(recipe: RecipeBase, manifest: dict) -> tuple[int, int]:
+    """Optimizer steps per epoch and in total. Ray's equal split gives every worker
+    floor(rows / workers) rows; drop_last and whole accumulation windows give every
+    rank the same number of micro-batches."""
+    t, world = recipe.train, recipe.scaling.num_workers
+    rows = manifest["splits"]["train"]["rows"]
+    per_epoch = rows // world // t.batch_size // t.grad_accum
+    if per_epoch == 0:
+        raise UserError(
+            f"the train split has {rows} rows: too few for {world} workers x batch_size {t.batch_size}"
+            f" x grad_accum {t.grad_accum}"
+        )
+    total = per_epoch * t.epochs
+    return per_epoch, min(total, t.max_steps) if t.max_steps else total
+
+
+def check_recipe(recipe: RecipeBase) -> None:
+    """Refuse what CPU workers cannot run, before anything starts."""
+    s, t = recipe.scaling, recipe.train
+    if not s.use_gpu:
+        if t.dtype == "fp16":
+            raise UserError(
+                "train.dtype fp16 needs GPU workers (scaling.use_gpu: true); use fp32 or bf16 on CPU"
+            )
+        if t.offload != "none":
+            raise UserError(
+                "train.offload moves ZeRO state from GPU to CPU memory: it needs scaling.use_gpu: true"
+            )
+
+
+def check_cluster(recipe: RecipeBase, embedded: bool) -> None:
+    """Refuse what the cluster cannot hold, before any worker starts (Train would wait forever)."""
+    import ray
+
+    s = recipe.scaling
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), resources.get("CPU", 0)
+    if not embedded:  # an autoscaling cluster may still grow to fit
+        return
+    if s.use_gpu and gpus < s.num_workers:
+        raise UserError(
+            f"scaling.use_gpu asks for {s.num_workers} GPU workers but this cluster has {gpus} GPUs"
+        )
+    if s.num_workers * s.cpus_per_worker > cpus:
+        raise UserError(
+            f"{s.num_workers} workers x {s.cpus_per_worker} CPUs do not fit this cluster's {cpus:g} CPUs "
+            "(lower scaling.num_workers or scaling.cpus_per_worker)"
+        )
+
+
+def prepare_data(recipe: RecipeBase) -> dict:
+    from data_loaders.shards import verify
+
+    task = tasks.get(recipe.task)
+    manifest = task.prepare(recipe)
+    verify(recipe.data.root, manifest, splits=["train", "val"])
+    return manifest
+
+
+def _last(path: Path, kind: str) -> dict:
+    found: dict = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            item = json.loads(line)
+            if item.get("kind") == kind:
+                found = item
+    return found
+
+
+def _failure_line(err: Exception) -> str:
+    """One line for a failed run: the first worker's error, not Ray's wrapping of it."""
+    failures = getattr(err, "worker_failures", None) or {}
+    cause = next(iter(failures.values()), None) or getattr(err, "controller_failure", None) or err
+    while getattr(cause, "cause", None) is not None and cause.cause is not cause:
+        cause = cause.cause
+    text = str(cause).strip().splitlines()
+    last = next((ln for ln in reversed(text) if ln.strip() and not ln.startswith(" ")), type(cause).__name__)
+    return f"training failed: {last}"
+
+
+def train(recipe: RecipeBase, address: str | None = None) -> dict:
+    """Run (or resume) the recipe's training; returns the summary that is also written to summary.json."""
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.util.queue import Queue
+
+    from cluster.local import connect, worker_env
+    from jobs.export import export
+    from jobs.tracking import Progress
+    from jobs.worker import CKPT_TAG, resolve_dtype, train_loop_per_worker
+
+    task = tasks.get(recipe.task)
+    # paths travel to workers on other nodes: make them absolute (shared storage on clusters)
+    recipe.data.root = str(Path(recipe.data.root).expanduser().resolve())
+    run_dir = recipe.run_dir
+    previous = run_dir / "config.yaml"
+    resumed = previous.exists()
+    if resumed:
+        import yaml
+
+        from jobs.config import recipe_from_dict
+
+        old = recipe_from_dict(yaml.safe_load(previous.read_text()))
+        if old.config_hash() != recipe.config_hash():
+            print(
+                f"note: resuming {run_dir} with a changed recipe (config hash {old.config_hash()} -> "
+                f"{recipe.config_hash()})",
+                flush=True,
+            )
+    save_recipe(recipe, run_dir / "config.yaml")
+
+    check_recipe(recipe)
+    manifest = prepare_data(recipe)  # no Ray needed: data mistakes surface in seconds
+    steps_per_epoch, total_steps = plan_steps(recipe, manifest)
+    connect(address)
+    check_cluster(recipe, embedded=not (address or os.environ.get("RAY_ADDRESS")))
+    s = recipe.scaling
+    dtype = resolve_dtype(recipe.train.dtype, s.use_gpu)
+
+    progress = Queue(actor_options={"num_cpus": 0})
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "recipe": recipe.model_dump(mode="json"),
+            "steps_per_epoch": steps_per_epoch,
+            "total_steps": total_steps,
+            "run_dir": str(run_dir),
+            "progress": progress,
+        },
+        torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(
+            num_workers=s.num_workers,
+            use_gpu=s.use_gpu,
+            resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})},
+        ),
+        run_config=RunConfig(
+            name=recipe.run_name,
+            storage_path=str(run_dir.parent),
+            failure_config=FailureConfig(max_failures=recipe.run.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=recipe.run.keep_checkpoints),
+            worker_runtime_env={"env_vars": worker_env()},
+            logging_config=LoggingConfig(log_level="WARNING"),
+        ),
+        datasets=task.datasets(recipe, manifest),
+        # validation is not split: every rank scores a hashed share of every row (exact metrics)
+        dataset_config=DataConfig(datasets_to_split=["train"]),
+    )
+    metrics_path = run_dir / "metrics.jsonl"
+    tic = time.perf_counter()
+    from ray.train.v2.api.exceptions import TrainingFailedError
+
+    with Progress(progress, metrics_path, total_steps, f"{recipe.task} {recipe.run_name}"):
+        try:
+            result = trainer.fit()
+        except TrainingFailedError as e:
+            raise UserError(_failure_line(e)) from None
+    wall = time.perf_counter() - tic
+    if result.checkpoint is None:
+        raise UserError(f"training of {run_dir} ended without a checkpoint")
+
+    val = {k: v for k, v in _last(metrics_path, "val").items() if k not in ("kind",)}
+    done = _last(metrics_path, "done")
+    metrics = {k: val[k] for k in (*task.METRICS, "val_loss", "val_rows") if k in val}
+    baseline = task.baseline(manifest)
+    with result.checkpoint.as_directory() as ckpt:
+        state = json.loads(Path(ckpt, "state.json").read_text())
+        model_dir = export(
+            Path(ckpt),
+            recipe,
+            run_dir / "model",
+            tag=CKPT_TAG,
+            metrics=metrics,
+            baseline=baseline,
+            data_fingerprint=manifest["fingerprint"],
+            lineage={"run": str(run_dir), "checkpoint": result.checkpoint.path, "step": state["step"]},
+        )
+    train_lines = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if '"kind": "train"' in ln]
+    restores = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if '"kind": "restore"' in ln]
+    speeds = [ln["samples_per_s"] for ln in train_lines[-20:]]
+    summary = {
+        "task": recipe.task,
+        "run": recipe.run_name,
+        "profile": recipe.profile,
+        "metrics": metrics,
+        "baseline": baseline,
+        "samples_per_s": sum(speeds) / len(speeds) if speeds else None,
+        "steps": state["step"],
+        "epochs": state["epoch"],
+        "samples": state["samples"],
+        "world_size": s.num_workers,
+        "zero_stage": recipe.train.zero_stage,
+        "dtype": dtype,
+        "config_hash": recipe.config_hash(),
+        "data_fingerprint": manifest["fingerprint"],
+        "restores": [r["step"] for r in restores],
+        "wall_s": round(wall, 1),
+        "paths": {
+            "run_dir": str(run_dir),
+            "checkpoint": result.checkpoint.path,
+            "model": str(model_dir),
+            "wandb": done.get("wandb"),
+            "metrics": str(metrics_path),
+        },
+    }
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    from jobs.cli import main as cli
+
+    cli(["train", *(argv or [])])
+
+
+if __name__ == "__main__":
+    import sys
+
+    main(sys.argv[1:])
+
+
+__all__ = ["ConfigError", "train", "plan_steps"]

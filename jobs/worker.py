@@ -1,0 +1,219 @@
+"""The per-worker training loop: one file, read top to bottom.
+
+    setup -> build (model, AdamW, warm-up + cosine, DeepSpeed engine) -> restore -> fit
+    fit:  per epoch, equal micro-batches on every rank -> engine.backward/step
+          -> validation on the whole split (metrics synced by torchmetrics)
+          -> DeepSpeed checkpoint from every rank -> ray.train.report
+
+Every rank runs the same number of forward passes and collectives, in the same order: a
+rank that ran one more would wait forever for its peers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import tempfile
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import ray.train
+import torch
+import torch.distributed as dist
+from ray.train import Checkpoint
+
+from jobs import tasks
+from jobs.config import RecipeBase, recipe_from_dict
+from jobs.tracking import RunLogger
+
+CKPT_TAG = "ds"  # one fixed tag: Ray already versions checkpoint directories
+
+
+def deepspeed_config(recipe: RecipeBase, world_size: int, dtype: str) -> dict:
+    t = recipe.train
+    zero: dict = {"stage": t.zero_stage}
+    if t.offload == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
+        if t.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
+    return {
+        "train_micro_batch_size_per_gpu": t.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": t.batch_size * t.grad_accum * world_size,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": dtype == "bf16"},
+        "fp16": {"enabled": dtype == "fp16"},
+        # AdamW from torch: no fused/CPU-Adam op to compile, same maths on every stage
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def resolve_dtype(requested: str, use_gpu: bool) -> str:
+    if requested != "auto":
+        return requested
+    return "bf16" if use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def _mine(ids: list[str], rank: int, world: int) -> np.ndarray:
+    """Rows of a validation batch this rank scores: a stable hash of the id, so every row is
+    scored exactly once across ranks whatever order the rows arrive in."""
+    return np.array([zlib.crc32(i.encode()) % world == rank for i in ids], dtype=bool)
+
+
+def _select(batch: dict, keep: np.ndarray) -> dict:
+    if not keep.any():  # still run a forward pass (ZeRO-3 gathers parameters collectively)
+        keep = np.zeros_like(keep)
+        keep[0] = True
+        return {"_discard": True, **{k: v[keep] for k, v in batch.items()}}
+    return {k: v[keep] for k, v in batch.items()}
+
+
+@torch.no_grad()
+def validate(engine, task, recipe, shard, rank: int, world: int, device, dtype) -> dict:
+    engine.eval()
+    metric = task.metrics(recipe).to(device)
+    # The validation split is not split by Ray: every rank sees every batch (the same count),
+    # scores its hashed share of rows, and torchmetrics sums the states across ranks.
+    for batch in shard.iter_batches(batch_size=recipe.train.batch_size, batch_format="numpy"):
+        part = _select(batch, _mine(task.sample_ids(batch), rank, world))
+        output = engine(*task.inputs(part, device, dtype))
+        if not part.get("_discard"):
+            metric.update(output, task.targets(part, device))
+    engine.train()
+    return metric.compute()
+
+
+def save_and_report(engine, state: dict, metrics: dict, rank: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        # every rank writes its own ZeRO shard; Ray gathers the rank directories into one checkpoint
+        engine.save_checkpoint(tmp, tag=CKPT_TAG)
+        if rank == 0:
+            Path(tmp, "state.json").write_text(json.dumps(state))
+        ray.train.report({**metrics, **state}, checkpoint=Checkpoint.from_directory(tmp))
+
+
+def restore(engine) -> dict:
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is None:
+        return {"epoch": 0, "step": 0, "samples": 0, "restored_from_step": None}
+    with checkpoint.as_directory() as d:
+        engine.load_checkpoint(d, tag=CKPT_TAG)
+        state = json.loads(Path(d, "state.json").read_text())
+    state["restored_from_step"] = state["step"]
+    return state
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import deepspeed
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+    # 1. setup
+    recipe = recipe_from_dict(config["recipe"])
+    task = tasks.get(recipe.task)
+    t = recipe.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device()
+    dtype_name = resolve_dtype(t.dtype, recipe.scaling.use_gpu)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    steps_per_epoch, total_steps = config["steps_per_epoch"], config["total_steps"]
+    torch.manual_seed(t.seed)  # same initial weights on every rank (DeepSpeed also broadcasts rank 0's)
+
+    # 2. build
+    model = task.build_model(recipe)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay
+    )
+    schedule = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total_steps, min_lr_rate=t.min_lr_ratio
+    )
+    engine, optimizer, _, schedule = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=schedule,
+        config=deepspeed_config(recipe, world, dtype_name),
+        dist_init_required=False,  # Ray Train already set up the process group
+    )
+
+    # 3. restore (after a worker failure, or when the same run name starts again)
+    state = restore(engine)
+    logger = RunLogger(rank, recipe, Path(config["run_dir"]))
+    progress = config.get("progress")
+    if rank == 0 and state["restored_from_step"] is not None:
+        _send(progress, {"kind": "restore", "step": state["step"], "epoch": state["epoch"]})
+
+    # 4. fit
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    micro_per_epoch = steps_per_epoch * t.grad_accum
+    global_batch = t.batch_size * t.grad_accum * world
+    metrics: dict = {}
+    while state["epoch"] < t.epochs and state["step"] < total_steps:
+        tic, window_loss, window_steps = time.perf_counter(), 0.0, 0
+        batches = train_shard.iter_batches(
+            batch_size=t.batch_size, batch_format="numpy", drop_last=True, prefetch_batches=2
+        )
+        consumed = 0
+        for batch in batches:
+            if consumed == micro_per_epoch or state["step"] >= total_steps:
+                break  # leftover micro-batches would leak an accumulation into the next epoch
+            output = engine(*task.inputs(batch, device, dtype))
+            loss = task.loss(recipe, output, batch, device)
+            engine.backward(loss)
+            engine.step()
+            consumed += 1
+            window_loss += loss.item() / t.grad_accum
+            if consumed % t.grad_accum:
+                continue
+            state["step"] += 1
+            state["samples"] += global_batch
+            window_steps += 1
+            if state["step"] % t.log_every == 0 or state["step"] == total_steps:
+                # all ranks join this all-reduce: the loss shown is the global batch's mean
+                mean_loss = torch.tensor(window_loss / window_steps, dtype=torch.float64)
+                dist.all_reduce(mean_loss)
+                elapsed = time.perf_counter() - tic
+                line = {
+                    "kind": "train",
+                    "step": state["step"],
+                    "epoch": state["epoch"],
+                    "loss": float(mean_loss) / world,
+                    "lr": schedule.get_last_lr()[0],
+                    "samples_per_s": window_steps * global_batch / elapsed,
+                }
+                if t.trace_batches:  # which rows made this step, rank by rank (checks the maths)
+                    ids = [None] * world
+                    dist.all_gather_object(ids, task.sample_ids(batch))
+                    line["batch_ids"] = ids
+                logger.log({k: v for k, v in line.items() if k != "batch_ids"}, state["step"])
+                if rank == 0:
+                    _send(progress, line)
+                tic, window_loss, window_steps = time.perf_counter(), 0.0, 0
+            if t.checkpoint_every and state["step"] % t.checkpoint_every == 0 and state["step"] < total_steps:
+                save_and_report(engine, state, {}, rank)
+        # an epoch stopped part-way by max_steps is not finished: a longer resumed run redoes it
+        if consumed == micro_per_epoch or state["step"] < total_steps:
+            state["epoch"] += 1
+        # 5. validate, checkpoint, report
+        metrics = validate(engine, task, recipe, val_shard, rank, world, device, dtype)
+        logger.log(metrics, state["step"])
+        if rank == 0:
+            _send(progress, {"kind": "val", "step": state["step"], "epoch": state["epoch"], **metrics})
+        save_and_report(engine, state, metrics, rank)
+    logger.summary(metrics)
+    logger.finish()
+    if rank == 0:
+        _send(progress, {"kind": "done", "step": state["step"], "wandb": logger.path})
+
+
+def _send(queue, item: dict) -> None:
+    if queue is None:
+        return
+    # the driver may have gone away: training goes on and checkpoints still land
+    with contextlib.suppress(Exception):
+        queue.put_nowait({**item, "time": round(time.time(), 3)})
