@@ -241,9 +241,7 @@ def shard_paths(root: str, manifest: dict, split: str) -> list[str]:
     return [os.path.abspath(os.path.join(str(root), sh["path"])) for sh in entry["shards"]]
 
 
-def verify(
-    root: str, manifest: dict, splits: Iterable[str] | None = None, check_hash: bool = False
-) -> None:
+def verify(root: str, manifest: dict, splits: Iterable[str] | None = None, check_hash: bool = False) -> None:
     """Check that the shards of ``splits`` (default: all) exist, are Parquet, and match the manifest.
 
     Reads only Parquet footers unless ``check_hash``; raises DataError naming the first bad shard.
