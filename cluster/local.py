@@ -37,6 +37,9 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
     import ray
     from ray.data import DataContext
 
+    if "DS_ACCELERATOR" in DEFAULT_ENV:  # the driver imports DeepSpeed too (export)
+        os.environ.setdefault("DS_ACCELERATOR", DEFAULT_ENV["DS_ACCELERATOR"])
+
     # Train copies the driver's DataContext to its workers, so this reaches them too
     DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():

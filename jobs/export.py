@@ -4,6 +4,7 @@ as safetensors + a model card. Loading an export needs torch, safetensors and `m
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import platform
 from datetime import datetime, timezone
@@ -38,7 +39,8 @@ def consolidated_state_dict(checkpoint_dir: Path, tag: str, zero_stage: int) -> 
         return {k: v.float() if v.is_floating_point() else v for k, v in state["module"].items()}
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+    with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per step of its work
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
 
 
 def export(

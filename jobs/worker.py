@@ -74,6 +74,16 @@ def _select(batch: dict, keep: np.ndarray) -> dict:
 
 
 @torch.no_grad()
+def sync_buffers(module: torch.nn.Module, world: int) -> None:
+    """Average BatchNorm running statistics over ranks. DeepSpeed, unlike DDP, never syncs
+    buffers: each rank would validate (and rank 0 would export) its own statistics."""
+    for buf in module.buffers():
+        if buf.is_floating_point():
+            dist.all_reduce(buf)
+            buf /= world
+
+
+@torch.no_grad()
 def validate(engine, task, recipe, shard, rank: int, world: int, device, dtype) -> dict:
     engine.eval()
     metric = task.metrics(recipe).to(device)
@@ -200,6 +210,7 @@ def train_loop_per_worker(config: dict) -> None:
         if consumed == micro_per_epoch or state["step"] < total_steps:
             state["epoch"] += 1
         # 5. validate, checkpoint, report
+        sync_buffers(engine.module, world)
         metrics = validate(engine, task, recipe, val_shard, rank, world, device, dtype)
         logger.log(metrics, state["step"])
         if rank == 0:

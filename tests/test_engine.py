@@ -75,8 +75,15 @@ def test_export_loads_with_torch_alone_and_reproduces_validation(tiny_run, tmp_p
 
 @pytest.mark.timeout(900)
 def test_zero_stages_match_plain_pytorch(ray_local, tiny_data, tmp_path):
-    """20 steps with ZeRO 0-3 on 2 workers give the losses of a plain single-process loop
-    over the same global batches (each rank's half through its own forward, as DDP does)."""
+    """20 steps with ZeRO 0-3 on 2 workers give the losses of a plain single-process loop over
+    the same global batches (each rank's half through its own forward, as DDP does).
+
+    Gradient clipping is off here, and only here: DeepSpeed divides gradients by the clip ratio
+    where torch multiplies by its inverse, a 1-ulp difference per element that this early,
+    chaotic phase of training amplifies to ~1e-2 within 20 steps. Two plain PyTorch loops that
+    differ only in their thread count diverge the same way, so the replay also runs on one
+    thread, as each worker does.
+    """
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     from data_loaders.retinopathy import decode_batch
@@ -125,12 +132,30 @@ def test_zero_stages_match_plain_pytorch(ray_local, tiny_data, tmp_path):
             loss = torch.stack(losses).mean()  # DeepSpeed averages gradients over ranks
             opt.zero_grad()
             loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
             opt.step()
             sched.step()
             out.append(loss.item())
         return out
 
-    for stage, trace in runs.items():
-        ours = [ln["loss"] for ln in trace]
-        np.testing.assert_allclose(ours, plain_losses(trace), rtol=1e-4, err_msg=f"ZeRO stage {stage}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for stage, trace in runs.items():
+            ours = [ln["loss"] for ln in trace]
+            assert ours[-1] < ours[0] - 0.1, ours  # real steps: the loss moved
+            np.testing.assert_allclose(ours, plain_losses(trace), rtol=1e-4, err_msg=f"ZeRO stage {stage}")
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.timeout(600)
+def test_same_name_resumes_from_its_last_checkpoint(ray_local, tiny_data, tmp_path):
+    from jobs.train import train
+
+    first = train(_recipe(tiny_data, tmp_path, "train.max_steps=6", "train.log_every=2", name="again"))
+    assert first["steps"] == 6 and first["restores"] == []
+    second = train(_recipe(tiny_data, tmp_path, "train.max_steps=12", "train.log_every=2", name="again"))
+    assert second["steps"] == 12 and second["restores"] == [6]
+    assert second["samples"] == 2 * first["samples"]
+    steps = [ln["step"] for ln in _lines(Path(second["paths"]["run_dir"]), "train")]
+    assert steps == [2, 4, 6, 8, 10, 12]  # the counter continues; nothing restarted from zero
