@@ -145,8 +145,9 @@ def evaluate(
     recipe = _recipe(config, profile, set_, output_dir, name)
     model_dir = Path(model) if model else recipe.run_dir / "model"
     result = run(model_dir, recipe.data.root, split=split)
-    out.print(_metrics_table(f"{model_dir} on {split}", result))
-    out.print(f"plots: {', '.join(result['plots'])}")
+    out.print(_metrics_table(f"exported model on the {split} split ({result['val_rows']} images)", result))
+    out.print(f"model:   {model_dir}\nmetrics: {Path(result['plots'][0]).parent / 'metrics.json'}")
+    out.print(f"plots:   {', '.join(result['plots'])}")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -34,8 +34,8 @@ class RetinopathyData(Section):
     """Folder holding an EyePACS (`trainLabels.csv`) or APTOS (`train.csv`) download; importers only."""
     root: str = "data/retinopathy"
     """Folder of the Parquet shards and `manifest.json` (created by `deepfleet prepare`)."""
-    num_images: int = Field(20000, ge=10)
-    """Synthetic images to generate (both eyes of num_images/2 patients)."""
+    num_images: int = Field(20000, ge=0)
+    """Synthetic: images to generate (both eyes of num_images/2 patients); importers: at most this many (0: all)."""
     image_size: int = Field(299, ge=16, le=2048)
     """Side of the square image the model sees (299 for InceptionV3, 512 for ResNet-50)."""
     rows_per_shard: int = Field(2048, ge=1)

@@ -132,6 +132,10 @@ def train_loop_per_worker(config: dict) -> None:
     dtype_name = resolve_dtype(t.dtype, recipe.scaling.use_gpu)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
     steps_per_epoch, total_steps = config["steps_per_epoch"], config["total_steps"]
+    threads_given = torch.get_num_threads()
+    if not recipe.scaling.use_gpu:
+        # a worker computes on the CPUs it reserved, whatever process Ray reuses for it
+        torch.set_num_threads(max(1, int(recipe.scaling.cpus_per_worker)))
     torch.manual_seed(t.seed)  # same initial weights on every rank (DeepSpeed also broadcasts rank 0's)
 
     # 2. build
@@ -154,6 +158,9 @@ def train_loop_per_worker(config: dict) -> None:
     state = restore(engine)
     logger = RunLogger(rank, recipe, Path(config["run_dir"]))
     progress = config.get("progress")
+    if rank == 0:
+        setup = {"world": world, "device": str(device), "dtype": dtype_name, "zero_stage": t.zero_stage}
+        _send(progress, {"kind": "setup", **setup, "threads": torch.get_num_threads(), "threads_given": threads_given})
     if rank == 0 and state["restored_from_step"] is not None:
         _send(progress, {"kind": "restore", "step": state["step"], "epoch": state["epoch"]})
 

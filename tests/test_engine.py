@@ -97,12 +97,15 @@ def test_zero_stages_match_plain_pytorch(ray_local, tiny_data, tmp_path):
         "data.augment=false",
         "model.dropout=0.0",
         "train.warmup_steps=5",
+        "train.grad_clip=0",
     )
     runs = {}
     for stage in (0, 1, 2, 3):
         recipe = _recipe(tiny_data, tmp_path, *sets, f"train.zero_stage={stage}", name=f"zero{stage}")
         summary = train(recipe)
-        runs[stage] = _lines(Path(summary["paths"]["run_dir"]), "train")
+        run_dir = Path(summary["paths"]["run_dir"])
+        assert _lines(run_dir, "setup")[0]["zero_stage"] == stage
+        runs[stage] = _lines(run_dir, "train")
         assert [ln["step"] for ln in runs[stage]] == list(range(1, 21))
 
     # the plain loop: same recipe, same seed, the rows each step traced, torch only
