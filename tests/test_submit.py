@@ -16,6 +16,10 @@ import pytest
 
 from tests.conftest import ROOT
 
+# The head runs with Ray's token authentication (~/.ray/auth_token); the `ray job` CLI only
+# sends the token when told the cluster uses it.
+CLI_ENV = {**os.environ, "RAY_AUTH_MODE": "token"}
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -29,6 +33,8 @@ def ray_head(tmp_path_factory):
     ray_bin = str(Path(sys.executable).with_name("ray"))
     gcs, dash = _free_port(), _free_port()
     temp = Path("/tmp") / f"rayhead-{os.getpid()}"  # short: unix socket paths have a length limit
+    # a fresh machine may have no token yet; this creates one only if none exists (output kept out of logs)
+    subprocess.run([ray_bin, "get-auth-token", "--generate"], capture_output=True, timeout=60, check=True)
     proc = subprocess.Popen(
         [
             ray_bin,
@@ -47,11 +53,14 @@ def ray_head(tmp_path_factory):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        env=CLI_ENV,
     )
     address = f"http://127.0.0.1:{dash}"
     deadline = time.time() + 120
     while time.time() < deadline:
-        ok = subprocess.run([ray_bin, "job", "list", "--address", address], capture_output=True, timeout=60)
+        ok = subprocess.run(
+            [ray_bin, "job", "list", "--address", address], capture_output=True, timeout=60, env=CLI_ENV
+        )
         if ok.returncode == 0:
             break
         time.sleep(2)
@@ -99,6 +108,7 @@ def test_ray_job_submit_runs_the_training_job(ray_head, tiny_data, tmp_path):
         text=True,
         timeout=540,
         cwd=ROOT,
+        env=CLI_ENV,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout
