@@ -1,0 +1,67 @@
+"""Recipes are typed files that a test loads: every profile validates, overrides apply, docs stay in sync."""
+
+from __future__ import annotations
+
+import pytest
+from pydantic import BaseModel
+
+from jobs.config import ConfigError, RetinopathyRecipe, load_recipe
+from tests.conftest import CONFIGS, ROOT
+
+RECIPES = sorted(CONFIGS.glob("*.yaml"))
+
+
+def _profiles(path):
+    import yaml
+
+    return list((yaml.safe_load(path.read_text()).get("profiles") or {}).keys())
+
+
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+def test_every_profile_of_every_recipe_validates(path):
+    assert {"tiny", "full"} <= set(_profiles(path))
+    for profile in [None, *_profiles(path)]:
+        recipe = load_recipe(path, profile)
+        assert recipe.run_name.startswith(recipe.task)
+    tiny = load_recipe(path, "tiny")
+    assert not tiny.scaling.use_gpu and tiny.scaling.num_workers == 2 and tiny.train.zero_stage == 2
+    assert load_recipe(path, "full").scaling.use_gpu
+
+
+@pytest.mark.timeout(30)
+def test_overrides_parse_as_yaml_and_reach_nested_fields():
+    r = load_recipe(
+        CONFIGS / "retinopathy.yaml", "tiny", ["train.lr=1e-3", "train.max_steps=7", "model.pretrained=null"]
+    )
+    assert r.train.lr == 1e-3 and r.train.max_steps == 7 and r.model.pretrained is None
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        load_recipe(CONFIGS / "retinopathy.yaml", "tiny", ["train.lr"])
+    with pytest.raises(ConfigError, match="val_fraction \\+ test_fraction"):
+        load_recipe(CONFIGS / "retinopathy.yaml", "tiny", ["data.val_fraction=0.6", "data.test_fraction=0.5"])
+
+
+@pytest.mark.timeout(30)
+def test_config_hash_follows_the_model_not_the_bookkeeping():
+    base = load_recipe(CONFIGS / "retinopathy.yaml", "tiny")
+    same = load_recipe(CONFIGS / "retinopathy.yaml", "tiny", ["run.name=other", "wandb.mode=disabled"])
+    other = load_recipe(CONFIGS / "retinopathy.yaml", "tiny", ["train.lr=0.1"])
+    assert base.config_hash() == same.config_hash() != other.config_hash()
+
+
+def _fields(cls: type[BaseModel], prefix: str = "") -> list[str]:
+    out = []
+    for name, field in cls.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            out += _fields(field.annotation, prefix + name + ".")
+        elif name not in ("task", "profile"):
+            assert field.description, f"{prefix}{name} has no doc"
+            out.append(prefix + name)
+    return out
+
+
+@pytest.mark.timeout(30)
+def test_every_field_is_documented_in_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    missing = [f for f in _fields(RetinopathyRecipe) if f"`{f}`" not in readme]
+    assert not missing, missing
