@@ -79,37 +79,24 @@ def ray_head(tmp_path_factory):
 def test_ray_job_submit_runs_the_training_job(ray_head, tiny_data, tmp_path):
     ray_bin, address = ray_head
     out = tmp_path / "runs"
-    proc = subprocess.run(
-        [
-            ray_bin,
-            "job",
-            "submit",
-            "--address",
-            address,
-            "--working-dir",
-            str(ROOT),
-            "--",
-            "python",
-            "-m",
-            "jobs.train",
-            "configs/retinopathy.yaml",
-            "--profile",
-            "tiny",
-            "--set",
-            "train.max_steps=6",
-            "--set",
-            f"data.root={tiny_data}",
-            "--output-dir",
-            str(out),
-            "--name",
-            "job",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=540,
-        cwd=ROOT,
-        env=CLI_ENV,
-    )
+    cmd = [ray_bin, "job", "submit", "--address", address, "--working-dir", str(ROOT), "--"]
+    cmd += [
+        "python",
+        "-m",
+        "jobs.train",
+        "configs/retinopathy.yaml",
+        "--profile",
+        "tiny",
+        "--set",
+        "train.max_steps=6",
+    ]
+    cmd += ["--set", f"data.root={tiny_data}", "--output-dir", str(out), "--name", "job"]
+    for _ in range(30):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=540, cwd=ROOT, env=CLI_ENV)
+        # a just-started head answers the jobs API before its node's agent is up: no job was made, so retry
+        if "No available agent" not in proc.stdout + proc.stderr:
+            break
+        time.sleep(3)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "succeeded" in proc.stdout
     summary = json.loads((out / "job" / "summary.json").read_text())
