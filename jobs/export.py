@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import models
-from jobs.config import RecipeBase, recipe_from_dict
+from jobs.config import RecipeBase
 
 WEIGHTS, CARD = "model.safetensors", "model_card.json"
 LIBRARIES = ("torch", "torchvision", "deepspeed", "ray", "transformers", "pyarrow", "safetensors")
@@ -96,7 +96,3 @@ def load_exported(model_dir: str | Path) -> tuple[torch.nn.Module, dict]:
     model = models.build(card["model"]["name"], card["model"]["flavour"], **card["model"]["kwargs"])
     model.load_state_dict(load_file(str(model_dir / WEIGHTS)), strict=True)
     return model.eval(), card
-
-
-def card_recipe(card: dict) -> RecipeBase:
-    return recipe_from_dict(card["config"])

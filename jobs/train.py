@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from jobs import tasks
-from jobs.config import ConfigError, RecipeBase, save_recipe
+from jobs.config import RecipeBase, save_recipe
 from jobs.errors import UserError
 
 
@@ -233,6 +233,3 @@ if __name__ == "__main__":
     import sys
 
     main(sys.argv[1:])
-
-
-__all__ = ["ConfigError", "train", "plan_steps"]

@@ -160,7 +160,10 @@ def train_loop_per_worker(config: dict) -> None:
     progress = config.get("progress")
     if rank == 0:
         setup = {"world": world, "device": str(device), "dtype": dtype_name, "zero_stage": t.zero_stage}
-        _send(progress, {"kind": "setup", **setup, "threads": torch.get_num_threads(), "threads_given": threads_given})
+        _send(
+            progress,
+            {"kind": "setup", **setup, "threads": torch.get_num_threads(), "threads_given": threads_given},
+        )
     if rank == 0 and state["restored_from_step"] is not None:
         _send(progress, {"kind": "restore", "step": state["step"], "epoch": state["epoch"]})
 

@@ -125,10 +125,6 @@ def baseline(manifest: dict) -> dict[str, float]:
     }
 
 
-def image_size(recipe: RetinopathyRecipe) -> int:
-    return recipe.data.image_size
-
-
 def iter_split(root: str | Path, split: str, batch_size: int, image_size: int):
     """Decoded batches of a split without Ray (offline evaluation)."""
     return data.iter_split_numpy(root, split, batch_size, image_size)
