@@ -31,7 +31,7 @@ def _free_port() -> int:
 def ray_head(tmp_path_factory):
     """A real Ray head on loopback with its own ports and temp dir; stopped (its process group) after."""
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    gcs, dash = _free_port(), _free_port()
+    gcs, dash, agent, agent_grpc, env_agent, metrics, client = (_free_port() for _ in range(7))
     temp = Path("/tmp") / f"rayhead-{os.getpid()}"  # short: unix socket paths have a length limit
     # a fresh machine may have no token yet; this creates one only if none exists (output kept out of logs)
     subprocess.run([ray_bin, "get-auth-token", "--generate"], capture_output=True, timeout=60, check=True)
@@ -44,6 +44,12 @@ def ray_head(tmp_path_factory):
             f"--port={gcs}",
             "--node-ip-address=127.0.0.1",
             f"--dashboard-port={dash}",
+            # the session's embedded cluster already holds Ray's default agent ports
+            f"--dashboard-agent-listen-port={agent}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={env_agent}",
+            f"--metrics-export-port={metrics}",
+            f"--ray-client-server-port={client}",
             "--dashboard-host=127.0.0.1",
             "--include-dashboard=true",
             "--num-cpus=4",
