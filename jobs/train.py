@@ -74,14 +74,14 @@ def prepare_data(recipe: RecipeBase) -> dict:
     return manifest
 
 
-def _last(path: Path, kind: str) -> dict:
-    found: dict = {}
+def _read_lines(path: Path) -> dict[str, list[dict]]:
+    """metrics.jsonl grouped by kind (train, val, restore, setup, done), in order."""
+    by_kind: dict[str, list[dict]] = {}
     if path.exists():
         for line in path.read_text().splitlines():
             item = json.loads(line)
-            if item.get("kind") == kind:
-                found = item
-    return found
+            by_kind.setdefault(item.get("kind"), []).append(item)
+    return by_kind
 
 
 def _failure_line(err: Exception) -> str:
@@ -175,8 +175,9 @@ def train(recipe: RecipeBase, address: str | None = None) -> dict:
     if result.checkpoint is None:
         raise UserError(f"training of {run_dir} ended without a checkpoint")
 
-    val = {k: v for k, v in _last(metrics_path, "val").items() if k not in ("kind",)}
-    done = _last(metrics_path, "done")
+    lines = _read_lines(metrics_path)
+    val = (lines.get("val") or [{}])[-1]
+    done = (lines.get("done") or [{}])[-1]
     metrics = {k: val[k] for k in (*task.METRICS, "val_loss", "val_rows") if k in val}
     baseline = task.baseline(manifest)
     with result.checkpoint.as_directory() as ckpt:
@@ -191,9 +192,8 @@ def train(recipe: RecipeBase, address: str | None = None) -> dict:
             data_fingerprint=manifest["fingerprint"],
             lineage={"run": str(run_dir), "checkpoint": result.checkpoint.path, "step": state["step"]},
         )
-    train_lines = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if '"kind": "train"' in ln]
-    restores = [json.loads(ln) for ln in metrics_path.read_text().splitlines() if '"kind": "restore"' in ln]
-    speeds = [ln["samples_per_s"] for ln in train_lines[-20:]]
+    restores = lines.get("restore", [])
+    speeds = [ln["samples_per_s"] for ln in lines.get("train", [])[-20:]]
     summary = {
         "task": recipe.task,
         "run": recipe.run_name,
