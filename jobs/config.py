@@ -80,6 +80,88 @@ class RetinopathyModel(Section):
         return self.model_dump(exclude={"name", "flavour"}, exclude_none=True)
 
 
+class AutonomousData(Section):
+    source: Literal["synthetic", "rig"] = "synthetic"
+    """Where rigs come from: the synthetic 8-camera generator, or a rig folder (layout in the README)."""
+    import_path: str | None = None
+    """Rig folder (`<sample_id>/cam0..7.png, depth0..7.png, annotations.json`); source rig only."""
+    root: str = "data/autonomous"
+    """Folder of the Parquet shards and `manifest.json` (created by `deepfleet prepare`)."""
+    num_samples: int = Field(20000, ge=0)
+    """Synthetic: rigs to generate; rig folders: at most this many (0: all)."""
+    image_height: int = Field(256, ge=16, le=2048)
+    """Height of every camera image the model sees."""
+    image_width: int = Field(448, ge=16, le=4096)
+    """Width of every camera image the model sees."""
+    rows_per_shard: int = Field(512, ge=1)
+    """Rigs per Parquet shard."""
+    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    """Share of rigs in the validation split."""
+    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    """Share of rigs in the test split."""
+    max_boxes: int = Field(16, ge=1)
+    """Most boxes kept per camera (the largest ones); the model needs at least as many object queries."""
+    num_lanes: int = Field(4, ge=1)
+    """Lane-line slots per camera (lines from left to right)."""
+    lane_points: int = Field(20, ge=2)
+    """Points per lane, evenly spaced along its visible part."""
+    on_bad_sample: Literal["skip", "fail"] = "skip"
+    """A rig that breaks the layout (camera count, sizes, boxes): skip and count it, or stop naming it."""
+    augment: bool = True
+    """Photometric jitter per camera on the training split (geometry untouched)."""
+    seed: int = 0
+    """Seed of generation and of the split."""
+
+
+class AutonomousModel(Section):
+    name: Literal["autonomous"] = "autonomous"
+    """Registry name of the architecture."""
+    flavour: str = "full"
+    """Registry flavour: `tiny` (small CNN, CPU), `full` (ResNet-50, d_model 2048) or `convnext`."""
+    backbone: Literal["tiny", "resnet50", "convnext"] | None = None
+    """Overrides the flavour's per-camera backbone (convnext is built from a transformers config)."""
+    separate_backbones: bool = False
+    """One backbone per camera, as in the seed (8x the backbone parameters), instead of one shared."""
+    d_model: int | None = Field(None, ge=8)
+    """Width of the fusion transformer (flavour default: 64 tiny, 2048 full)."""
+    heads: int | None = Field(None, ge=1)
+    """Attention heads of the fusion transformer."""
+    fusion_layers: int | None = Field(None, ge=1)
+    """Transformer encoder layers fusing all cameras' tokens."""
+    decoder_layers: int | None = Field(None, ge=1)
+    """Decoder layers of the object and lane queries."""
+    ff_dim: int | None = Field(None, ge=1)
+    """Feed-forward width of the transformer layers."""
+    queries: int | None = Field(None, ge=1)
+    """Object queries per camera (at least data.max_boxes)."""
+    depth_width: int | None = Field(None, ge=8)
+    """Channels at the top of the depth decoder."""
+
+    def build_kwargs(self) -> dict[str, Any]:
+        return self.model_dump(exclude={"name", "flavour"}, exclude_none=True)
+
+
+class AutonomousLoss(Section):
+    """Multi-task loss weights; the Hungarian matching costs use the same class/L1/GIoU weights."""
+
+    box_class: float = Field(1.0, ge=0)
+    """Cross-entropy of the object classes (matched queries) and of "no object" (the others)."""
+    no_object: float = Field(0.1, ge=0)
+    """Relative weight of the "no object" class in that cross-entropy (most queries are empty)."""
+    box_l1: float = Field(5.0, ge=0)
+    """L1 distance of matched boxes (cx, cy, w, h normalised)."""
+    box_giou: float = Field(2.0, ge=0)
+    """Generalised-IoU loss of matched boxes."""
+    aux: bool = True
+    """Apply the box losses after every decoder layer too (faster convergence, as in DETR)."""
+    lane_points: float = Field(5.0, ge=0)
+    """L1 distance of the points of lanes that exist."""
+    lane_exists: float = Field(1.0, ge=0)
+    """Binary cross-entropy of the lane-exists score."""
+    depth: float = Field(1.0, ge=0)
+    """L1 distance of log depth over pixels with depth."""
+
+
 class TrainSection(Section):
     epochs: int = Field(10, ge=1)
     """Passes over the training split."""
@@ -176,7 +258,14 @@ class RetinopathyRecipe(RecipeBase):
     model: RetinopathyModel = RetinopathyModel()
 
 
-RECIPES: dict[str, type[RecipeBase]] = {"retinopathy": RetinopathyRecipe}
+class AutonomousRecipe(RecipeBase):
+    task: Literal["autonomous"] = "autonomous"
+    data: AutonomousData = AutonomousData()
+    model: AutonomousModel = AutonomousModel()
+    loss: AutonomousLoss = AutonomousLoss()
+
+
+RECIPES: dict[str, type[RecipeBase]] = {"retinopathy": RetinopathyRecipe, "autonomous": AutonomousRecipe}
 
 
 # ---------------------------------------------------------------- loading

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from jobs import tasks
@@ -30,15 +29,12 @@ def evaluate(
             f"no split '{split}' in {data_root} (splits: {', '.join(manifest['splits'])})"
         )
     verify(data_root, manifest, splits=[split])
-    metric = task.metrics()
-    outputs, targets = [], []
-    for batch in task.iter_split(data_root, split, batch_size, card["input"]["image_size"]):
-        (x,) = task.inputs(batch, torch.device("cpu"), torch.float32)
-        y = task.targets(batch, torch.device("cpu"))
-        logits = model(x)
-        metric.update(logits, y)
-        outputs.append(logits.numpy())
-        targets.append(y.numpy())
+    cpu = torch.device("cpu")
+    metric, example = task.metrics(), None
+    for batch in task.iter_split(data_root, split, batch_size, **card["input"]):
+        output = model(*task.inputs(batch, cpu, torch.float32))
+        metric.update(output, task.targets(batch, cpu))
+        example = example or (batch, output)
     result = {
         "split": split,
         "model": str(model_dir),
@@ -47,7 +43,7 @@ def evaluate(
     }
     out_dir = Path(out_dir or Path(model_dir).parent / "eval" / split)
     out_dir.mkdir(parents=True, exist_ok=True)
-    result["plots"] = task.plot(np.concatenate(outputs), np.concatenate(targets), out_dir)
+    result["plots"] = task.plot(metric, example, out_dir)
     (out_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     return result
 

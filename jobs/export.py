@@ -56,8 +56,9 @@ def export(
 ) -> Path:
     from jobs import tasks
 
+    task = tasks.get(recipe.task)
     state = consolidated_state_dict(Path(checkpoint_dir), tag, recipe.train.zero_stage)
-    model = tasks.get(recipe.task).build_model(recipe)
+    model = tasks.build_model(recipe)
     model.load_state_dict(state, strict=True)  # proves the export fits the architecture
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
@@ -69,11 +70,11 @@ def export(
             "flavour": recipe.model.flavour,
             # the exported weights replace any pretrained file and any freezing
             "kwargs": {
-                k: v for k, v in recipe.model.build_kwargs().items() if k not in ("pretrained", "freeze")
+                k: v for k, v in task.model_kwargs(recipe).items() if k not in ("pretrained", "freeze")
             },
             "parameters": sum(p.numel() for p in model.parameters()),
         },
-        "input": {"image_size": getattr(recipe.data, "image_size", None)},
+        "input": task.input_spec(recipe),
         "metrics": metrics,
         "baseline": baseline,
         "data_fingerprint": data_fingerprint,

@@ -179,7 +179,7 @@ def train(recipe: RecipeBase, address: str | None = None) -> dict:
     val = (lines.get("val") or [{}])[-1]
     done = (lines.get("done") or [{}])[-1]
     metrics = {k: val[k] for k in (*task.METRICS, "val_loss", "val_rows") if k in val}
-    baseline = task.baseline(manifest)
+    baseline = task.baseline(recipe, manifest)
     with result.checkpoint.as_directory() as ckpt:
         state = json.loads(Path(ckpt, "state.json").read_text())
         model_dir = export(

@@ -139,7 +139,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(t.seed)  # same initial weights on every rank (DeepSpeed also broadcasts rank 0's)
 
     # 2. build
-    model = task.build_model(recipe)
+    model = tasks.build_model(recipe)
     optimizer = torch.optim.AdamW(
         [p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay
     )

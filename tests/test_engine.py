@@ -116,7 +116,7 @@ def test_zero_stages_match_plain_pytorch(ray_local, tiny_data, tmp_path):
 
     def plain_losses(trace: list[dict]) -> list[float]:
         torch.manual_seed(t.seed)
-        model = task.build_model(recipe)
+        model = tasks.build_model(recipe)
         opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         sched = get_cosine_with_min_lr_schedule_with_warmup(
             opt, t.warmup_steps, 20, min_lr_rate=t.min_lr_ratio

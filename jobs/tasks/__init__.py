@@ -1,14 +1,24 @@
 """Task adapters: what the one training engine needs to know about each system.
 
 A task module provides:
+  METRICS                                names of the headline validation metrics (summary.json)
   prepare(recipe) -> manifest            generate or import the data into Parquet shards
   datasets(recipe, manifest) -> dict     Ray Datasets "train" and "val", decoded and augmented
-  build_model(recipe) -> nn.Module       from the model registry
+  model_kwargs(recipe) -> dict           registry keyword arguments of the recipe's model (the
+                                         recipe's model section plus what the data fixes)
+  input_spec(recipe) -> dict             what the model's input looks like (kept in the model card;
+                                         iter_split and serving read it)
   inputs(batch, device, dtype)           the model's positional inputs from a numpy batch
+  targets(batch, device)                 what metrics compare the output with
   loss(recipe, output, batch, device)    the training loss
   metrics(recipe) -> Metric              a torchmetrics Metric whose compute() gives the named metrics
-  baseline(manifest) -> dict             the same metrics for a trivial predictor
-  sample_ids(batch) -> list[str]         stable ids of the rows (tracing, rank-sharded validation)
+                                         (and val_loss, val_rows); it syncs across ranks by itself
+  baseline(recipe, manifest) -> dict     the same metrics for a trivial predictor
+  sample_ids(batch) -> list[str]         stable ids of the rows (tracing, rank-sharded validation:
+                                         rows with one id are scored on one rank)
+  iter_split(root, split, batch_size, **input_spec)  numpy batches without Ray (offline evaluation)
+  plot(metric, example, out_dir)         evaluation plots from the metric's state and one
+                                         (batch, output) example; returns the paths
 """
 
 from __future__ import annotations
@@ -16,7 +26,14 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-TASKS = ("retinopathy",)
+TASKS = ("retinopathy", "autonomous")
+
+
+def build_model(recipe):
+    """The recipe's model from the registry (architecture only, random or `pretrained` weights)."""
+    import models
+
+    return models.build(recipe.model.name, recipe.model.flavour, **get(recipe.task).model_kwargs(recipe))
 
 
 def get(name: str) -> ModuleType:

@@ -8,7 +8,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import torchmetrics
-from torchmetrics.classification import BinaryRecall, BinarySpecificity, CohenKappa, MulticlassAccuracy
+from torchmetrics.classification import (
+    BinaryRecall,
+    BinarySpecificity,
+    CohenKappa,
+    MulticlassAccuracy,
+    MulticlassConfusionMatrix,
+)
 
 import models
 from data_loaders import retinopathy as data
@@ -45,8 +51,12 @@ def datasets(recipe: RetinopathyRecipe, manifest: dict) -> dict:
     }
 
 
-def build_model(recipe: RetinopathyRecipe) -> torch.nn.Module:
-    return models.build(recipe.model.name, recipe.model.flavour, **recipe.model.build_kwargs())
+def model_kwargs(recipe: RetinopathyRecipe) -> dict:
+    return recipe.model.build_kwargs()
+
+
+def input_spec(recipe: RetinopathyRecipe) -> dict:
+    return {"image_size": recipe.data.image_size}
 
 
 def inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor]:
@@ -82,6 +92,7 @@ class GradeMetrics(torchmetrics.Metric):
         self.accuracy = MulticlassAccuracy(num_classes=num_classes, average="micro")
         self.sensitivity = BinaryRecall()
         self.specificity = BinarySpecificity()
+        self.confusion = MulticlassConfusionMatrix(num_classes=num_classes)  # for the plot
         self.add_state("loss_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
 
@@ -90,6 +101,7 @@ class GradeMetrics(torchmetrics.Metric):
         pred = logits.argmax(dim=1)
         self.kappa.update(pred, target)
         self.accuracy.update(pred, target)
+        self.confusion.update(pred, target)
         self.sensitivity.update((pred >= REFERABLE).long(), (target >= REFERABLE).long())
         self.specificity.update((pred >= REFERABLE).long(), (target >= REFERABLE).long())
         self.loss_sum += F.cross_entropy(logits, target, reduction="sum").double()
@@ -110,7 +122,7 @@ def metrics(recipe: RetinopathyRecipe | None = None) -> GradeMetrics:
     return GradeMetrics()
 
 
-def baseline(manifest: dict) -> dict[str, float]:
+def baseline(recipe: RetinopathyRecipe, manifest: dict) -> dict[str, float]:
     """A constant guess of the training split's most common grade (kappa 0 by definition)."""
     counts = manifest["meta"]["class_counts"]  # per split: a count per grade
     train, val = (np.asarray(counts[split], dtype=float) for split in ("train", "val"))
@@ -130,7 +142,7 @@ def iter_split(root: str | Path, split: str, batch_size: int, image_size: int):
     return data.iter_split_numpy(root, split, batch_size, image_size)
 
 
-def plot(logits: np.ndarray, labels: np.ndarray, out_dir: Path) -> list[str]:
+def plot(metric: GradeMetrics, example, out_dir: Path) -> list[str]:
     """Confusion matrix of grades, counts and row-normalised side by side."""
     import matplotlib
 
@@ -139,21 +151,16 @@ def plot(logits: np.ndarray, labels: np.ndarray, out_dir: Path) -> list[str]:
     from sklearn.metrics import ConfusionMatrixDisplay
 
     grades = ["0 none", "1 mild", "2 moderate", "3 severe", "4 prolif."]
+    counts = metric.confusion.compute().numpy()
+    shares = counts / np.maximum(counts.sum(1, keepdims=True), 1)
     fig, axes = plt.subplots(1, 2, figsize=(12, 5))
-    for ax, norm, title in ((axes[0], None, "counts"), (axes[1], "true", "share of true grade")):
-        ConfusionMatrixDisplay.from_predictions(
-            labels,
-            logits.argmax(1),
-            labels=range(len(grades)),
-            display_labels=grades,
-            normalize=norm,
-            ax=ax,
-            colorbar=False,
-            values_format=".2f" if norm else "d",
+    for ax, matrix, title in ((axes[0], counts, "counts"), (axes[1], shares, "share of true grade")):
+        ConfusionMatrixDisplay(matrix, display_labels=grades).plot(
+            ax=ax, colorbar=False, values_format=".2f" if matrix is shares else "d"
         )
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=30)
-    fig.suptitle(f"Retinopathy grades: {len(labels)} images")
+    fig.suptitle(f"Retinopathy grades: {int(counts.sum())} images")
     fig.tight_layout()
     path = Path(out_dir) / "confusion_matrix.png"
     fig.savefig(path, dpi=100)
