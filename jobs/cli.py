@@ -139,13 +139,13 @@ def evaluate(
     split: str = typer.Option("test", help="Split to score."),
     model: str | None = typer.Option(None, help="Exported model folder (default: the run's model/)."),
 ):
-    """Score an exported model on a split with torch alone; write metrics.json and a confusion matrix."""
+    """Score an exported model on a split with torch alone; write metrics.json and plots."""
     from jobs.evaluate import evaluate as run
 
     recipe = _recipe(config, profile, set_, output_dir, name)
     model_dir = Path(model) if model else recipe.run_dir / "model"
     result = run(model_dir, recipe.data.root, split=split)
-    out.print(_metrics_table(f"exported model on the {split} split ({result['val_rows']} images)", result))
+    out.print(_metrics_table(f"exported model on the {split} split ({result['val_rows']} rows)", result))
     out.print(f"model:   {model_dir}\nmetrics: {Path(result['plots'][0]).parent / 'metrics.json'}")
     out.print(f"plots:   {', '.join(result['plots'])}")
 

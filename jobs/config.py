@@ -162,6 +162,99 @@ class AutonomousLoss(Section):
     """L1 distance of log depth over pixels with depth."""
 
 
+class RecsysData(Section):
+    source: Literal["synthetic", "mssd"] = "synthetic"
+    """Where sessions come from: the synthetic MSSD-shaped generator, or the MSSD CSV importer."""
+    import_path: str | None = None
+    """Folder holding an MSSD download (`track_features/*.csv`, `training_set/*.csv`); source mssd only."""
+    root: str = "data/recsys"
+    """Folder of the Parquet shards, `tracks.parquet` and `manifest.json` (created by `deepfleet prepare`)."""
+    num_tracks: int = Field(100_000, ge=10)
+    """Synthetic: tracks in the catalogue (10% released after the train period: the cold-start tracks)."""
+    num_users: int = Field(20_000, ge=1)
+    """Synthetic: hidden listeners behind the sessions (MSSD logs have no user column)."""
+    num_sessions: int = Field(200_000, ge=1)
+    """Synthetic: listening sessions of 10-20 tracks each."""
+    num_days: int = Field(60, ge=3)
+    """Synthetic: days the sessions span; splits are by date (train first, then val, then test)."""
+    cold_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    """Synthetic: share of tracks released after the train period (never seen in training)."""
+    history_len: int = Field(10, ge=1)
+    """Earlier events of the session the model sees before each candidate (the most recent ones)."""
+    negatives_per_event: int = Field(2, ge=0)
+    """Sampled tracks per training query, as label-0 rows beside the real one."""
+    eval_negatives: int = Field(19, ge=1)
+    """Sampled tracks per validation/test query: each query is ranked in a list of 1 + this many."""
+    n_mels: int = Field(16, ge=1)
+    """Synthetic: mel bands of each track's spectrogram-like audio array."""
+    frames: int = Field(32, ge=1)
+    """Synthetic: time frames of each track's audio array."""
+    rows_per_shard: int = Field(50_000, ge=1)
+    """Rows (query, candidate pairs) per Parquet shard."""
+    val_fraction: float = Field(0.15, gt=0.0, lt=1.0)
+    """Share of days (after the train days) in the validation split."""
+    test_fraction: float = Field(0.15, gt=0.0, lt=1.0)
+    """Share of days (the last ones) in the test split."""
+    on_bad_row: Literal["skip", "fail"] = "fail"
+    """Importer: a log row that breaks the layout stops with its file and line, or drops its session."""
+    seed: int = 0
+    """Seed of generation and of negative sampling."""
+
+    @model_validator(mode="after")
+    def _check(self) -> RecsysData:
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("val_fraction + test_fraction must be below 1")
+        if self.source == "mssd" and not self.import_path:
+            raise ValueError("source mssd reads the folder at data.import_path: set it")
+        return self
+
+
+class RecsysModel(Section):
+    name: Literal["recsys", "mf"] = "recsys"
+    """Registry name: `recsys` (the hybrid recommender) or `mf` (matrix factorisation)."""
+    flavour: str = "full"
+    """Registry flavour: `tiny` (CPU, minutes) or `full` (a 4M-track table, 2-layer GRU, hidden 256)."""
+    num_tracks: int | None = Field(None, ge=2)
+    """Rows of the track-embedding table (index 0 is padding); None: the catalogue's size. Must be at
+    least the catalogue's; the full flavour reserves room for millions of tracks."""
+    embedding_dim: int | None = Field(None, ge=1)
+    """Width of the track embeddings (MF: the factor size); None: the flavour's (32 tiny, 128 full)."""
+    hidden: int | None = Field(None, ge=8)
+    """Width of the history encoder, audio CNN, MLPs and attention (hybrid only)."""
+    encoder: Literal["gru", "transformer"] | None = None
+    """History encoder (hybrid only): a GRU, or a transformer encoder (flavour default: gru)."""
+    encoder_layers: int | None = Field(None, ge=1)
+    """Layers of the history encoder (hybrid only)."""
+    heads: int | None = Field(None, ge=1)
+    """Attention heads of the candidate-over-history attention and the transformer (hybrid only)."""
+    dropout: float | None = Field(None, ge=0.0, lt=1.0)
+    """Dropout in the MLPs, attention and head (hybrid only)."""
+    id_dropout: float | None = Field(None, ge=0.0, le=1.0)
+    """Share of training rows whose candidate embedding is zeroed, so the model learns to score a track
+    by its audio and features alone, as it must for cold-start tracks (hybrid only)."""
+
+    def build_kwargs(self) -> dict[str, Any]:
+        """Registry keyword arguments set by the recipe (num_tracks is checked against the data first)."""
+        kw = self.model_dump(exclude={"name", "flavour", "num_tracks"}, exclude_none=True)
+        if self.name == "mf":  # MF has factors only
+            return {k: v for k, v in kw.items() if k == "embedding_dim"}
+        return kw
+
+
+class RecsysBaselines(Section):
+    """What the recommender is compared with in summary.json (popularity ranking always)."""
+
+    mf: bool = True
+    """Also train matrix factorisation with the same engine on the same data, as the sibling run
+    `<run>-mf` (its own summary.json); skipped when the recipe's model already is mf."""
+    mf_epochs: int | None = Field(None, ge=1)
+    """Epochs of the MF run (None: train.epochs)."""
+    mf_lr: float | None = Field(None, gt=0)
+    """Peak learning rate of the MF run (None: train.lr)."""
+    mf_embedding_dim: int | None = Field(None, ge=1)
+    """Factor size of the MF run (None: model.embedding_dim, else the flavour's)."""
+
+
 class TrainSection(Section):
     epochs: int = Field(10, ge=1)
     """Passes over the training split."""
@@ -265,7 +358,18 @@ class AutonomousRecipe(RecipeBase):
     loss: AutonomousLoss = AutonomousLoss()
 
 
-RECIPES: dict[str, type[RecipeBase]] = {"retinopathy": RetinopathyRecipe, "autonomous": AutonomousRecipe}
+class RecsysRecipe(RecipeBase):
+    task: Literal["recsys"] = "recsys"
+    data: RecsysData = RecsysData()
+    model: RecsysModel = RecsysModel()
+    baselines: RecsysBaselines = RecsysBaselines()
+
+
+RECIPES: dict[str, type[RecipeBase]] = {
+    "retinopathy": RetinopathyRecipe,
+    "autonomous": AutonomousRecipe,
+    "recsys": RecsysRecipe,
+}
 
 
 # ---------------------------------------------------------------- loading

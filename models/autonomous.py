@@ -4,7 +4,8 @@
       -> backbone per camera (one shared by default; eight as in the seed; or a transformers ConvNeXt)
       -> spatial tokens of every camera + a learned camera embedding + a 2-D sine position
       -> transformer encoder over all cameras' tokens at once (objects across camera borders)
-      -> decoder: per camera, object queries and lane queries attend to all fused tokens
+      -> decoder: per camera, object queries and lane queries attend to that camera's fused
+         tokens and its next finer feature map
            objects: class (+ "no object"), box (cx, cy, w, h in [0, 1]) -- a set, Hungarian-matched
            lanes:   a fixed number of points per lane slot and a lane-exists logit
       -> depth: the camera's fused tokens, upsampled with the backbone's finer features (a
@@ -112,24 +113,25 @@ def _backbone(kind: str, widths: tuple[int, ...] | None) -> nn.Module:
 # ------------------------------------------------------------------ building blocks
 
 
-def sine_position_2d(h: int, w: int, dim: int, device, dtype) -> torch.Tensor:
-    """DETR's fixed 2-D sine embedding of an h x w grid: [h * w, dim] (any resolution)."""
+def sine_position(points: torch.Tensor, dim: int) -> torch.Tensor:
+    """DETR's fixed 2-D sine embedding of (x, y) points in [0, 1]: [..., 2] -> [..., dim].
+    Tokens (at their cell centres) and object queries (at their reference points) share it, so
+    a query attends to the tokens near its reference point from the first step."""
     quarter = dim // 4
-    freq = torch.exp(torch.arange(quarter, device=device, dtype=torch.float32) * (-math.log(1e4) / quarter))
-    ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h * 2 * math.pi
-    xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w * 2 * math.pi
-    y = ys[:, None] * freq[None]
-    x = xs[:, None] * freq[None]
-    emb = torch.cat(
-        [
-            y.sin()[:, None].expand(h, w, quarter),
-            y.cos()[:, None].expand(h, w, quarter),
-            x.sin()[None].expand(h, w, quarter),
-            x.cos()[None].expand(h, w, quarter),
-        ],
-        dim=-1,
-    ).reshape(h * w, 4 * quarter)
-    return F.pad(emb, (0, dim - 4 * quarter)).to(dtype)
+    freq = torch.exp(
+        torch.arange(quarter, device=points.device, dtype=torch.float32) * (-math.log(1e4) / quarter)
+    )
+    x = points[..., :1].float() * 2 * math.pi * freq
+    y = points[..., 1:].float() * 2 * math.pi * freq
+    emb = torch.cat([y.sin(), y.cos(), x.sin(), x.cos()], dim=-1)
+    return F.pad(emb, (0, dim - 4 * quarter)).to(points.dtype)
+
+
+def grid_points(h: int, w: int, device) -> torch.Tensor:
+    """Cell centres of an h x w grid as (x, y) in [0, 1], row-major: [h * w, 2]."""
+    ys = (torch.arange(h, device=device, dtype=torch.float32) + 0.5) / h
+    xs = (torch.arange(w, device=device, dtype=torch.float32) + 0.5) / w
+    return torch.stack(torch.meshgrid(xs, ys, indexing="xy"), -1).reshape(h * w, 2)
 
 
 def mlp(dim_in: int, hidden: int, dim_out: int, layers: int = 3) -> nn.Sequential:
@@ -221,7 +223,10 @@ class AutonomousNet(nn.Module):
         self.backbones = nn.ModuleList(_backbone(backbone, backbone_widths) for _ in range(count))
         channels = self.backbones[0].channels
         self.input_proj = nn.Conv2d(channels[-1], d_model, 1)
-        self.camera_embed = nn.Parameter(torch.randn(num_cameras, d_model) * 0.02)
+        # the decoder also reads the next finer level (thin lane paint, small boxes)
+        self.fine_proj = nn.Conv2d(channels[-2], d_model, 1)
+        self.level_embed = nn.Parameter(torch.randn(2, d_model) * 0.5)
+        self.camera_embed = nn.Parameter(torch.randn(num_cameras, d_model) * 0.5)
         layer = dict(d_model=d_model, nhead=heads, dim_feedforward=ff_dim, dropout=dropout, batch_first=True)
         self.fusion = nn.TransformerEncoder(
             nn.TransformerEncoderLayer(**layer, norm_first=True),
@@ -241,11 +246,10 @@ class AutonomousNet(nn.Module):
             -1,
         ).reshape(-1, 2)[:queries]
         self.reference = nn.Parameter(torch.logit(ref))
-        self.reference_embed = mlp(d_model, d_model, d_model, 2)
         self.lane_queries = nn.Parameter(torch.randn(num_lanes, d_model) * 0.02)
-        self.query_camera = nn.Parameter(torch.randn(num_cameras, d_model) * 0.02)
         self.class_head = nn.Linear(d_model, num_classes + 1)
         self.box_head = mlp(d_model, d_model, 4)
+        nn.init.constant_(self.box_head[-1].bias[2:], -1.7)  # boxes start at ~15% of the image
         self.lane_head = mlp(d_model, d_model, lane_points * 2)
         # each camera's lane slots start from a learned anchor line; the head predicts the offset
         self.lane_anchor = nn.Parameter(torch.zeros(num_cameras, num_lanes, lane_points, 2))
@@ -275,19 +279,36 @@ class AutonomousNet(nn.Module):
         pyramid = self._features(images)
         top = self.input_proj(pyramid[-1])  # [B * 8, d, h, w]
         d, h, w = top.shape[1:]
-        pos = sine_position_2d(h, w, d, top.device, top.dtype)  # [h * w, d]
+        pos = sine_position(grid_points(h, w, top.device), d).to(top.dtype)  # [h * w, d]
         tokens = top.flatten(2).transpose(1, 2).reshape(b, cams, h * w, d)
         position = pos[None, None] + self.camera_embed[None, :, None]  # [1, 8, h * w, d]
         fused = self.fusion((tokens + position).reshape(b, cams * h * w, d))
-        memory = fused + position.reshape(1, cams * h * w, d)
+        fine = self.fine_proj(pyramid[-2])
+        fh, fw = fine.shape[-2:]
+        fine_pos = sine_position(grid_points(fh, fw, top.device), d).to(top.dtype)
+        fine = fine.flatten(2).transpose(1, 2).reshape(b, cams, fh * fw, d)
+        memory = torch.cat(
+            [
+                fused + (position + self.level_embed[0]).reshape(1, cams * h * w, d),
+                (
+                    fine + fine_pos[None, None] + self.camera_embed[None, :, None] + self.level_embed[1]
+                ).flatten(1, 2),
+            ],
+            dim=1,
+        )
 
-        # queries: per camera, Q object queries then L lane queries
-        ref_pos = self.reference_embed(sine_1d(torch.sigmoid(self.reference), d))  # [Q, d]
+        # queries: per camera, Q object queries (at their reference points) then L lane queries;
+        # each camera's queries read that camera's fused tokens (which already saw the others)
+        # and its finer features
+        ref_pos = sine_position(torch.sigmoid(self.reference), d).to(top.dtype)  # [Q, d]
         q = torch.cat([self.object_queries + ref_pos, self.lane_queries], 0)  # [Q + L, d]
-        q = (q[None] + self.query_camera[:, None]).reshape(1, -1, d).expand(b, -1, -1)
+        q = (q[None] + self.camera_embed[:, None]).reshape(1, -1, d).expand(b, -1, -1)
+        own = torch.arange(cams, device=top.device)
+        key_camera = torch.cat([own.repeat_interleave(h * w), own.repeat_interleave(fh * fw)])
+        mask = own.repeat_interleave(self.queries + self.num_lanes)[:, None] != key_camera[None]
         outputs = []
         for layer in self.decoder:
-            q = layer(q, memory)
+            q = layer(q, memory, memory_mask=mask)
             outputs.append(self.decoder_norm(q).reshape(b, cams, self.queries + self.num_lanes, d))
         last = outputs[-1]
         objects, lanes = last[:, :, : self.queries], last[:, :, self.queries :]
@@ -308,17 +329,6 @@ class AutonomousNet(nn.Module):
                 for o in outputs[:-1]
             ]
         return out
-
-
-def sine_1d(points: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sine embedding of 2-D points in [0, 1]: [..., 2] -> [..., dim]."""
-    half = dim // 2
-    freq = torch.exp(
-        torch.arange(half // 2, device=points.device, dtype=torch.float32) * (-math.log(1e4) / (half // 2))
-    )
-    angles = points.float()[..., None] * 2 * math.pi * freq  # [..., 2, half/2]
-    emb = torch.cat([angles.sin(), angles.cos()], dim=-1).flatten(-2)
-    return F.pad(emb, (0, dim - emb.shape[-1])).to(points.dtype)
 
 
 def parameter_count(model: nn.Module) -> int:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import importlib
 from types import ModuleType
 
-TASKS = ("retinopathy", "autonomous")
+TASKS = ("retinopathy", "autonomous", "recsys")
 
 
 def build_model(recipe):

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 import torchmetrics
 from scipy.optimize import linear_sum_assignment
@@ -173,7 +174,7 @@ class PerceptionMetrics(torchmetrics.Metric):
         super().__init__()
         self.aspect = aspect  # height / width: lane errors are measured in image widths
         self.weights = loss_weights or AutonomousLoss()
-        self.map = MeanAveragePrecision(box_format="xyxy", iou_thresholds=[0.5], backend="pycocotools")
+        self._detections: list[tuple[dict, dict]] = []  # (prediction, truth) per camera image, on CPU
         for name, dtype in (
             ("lane_error_sum", torch.float64),
             ("lane_count", torch.long),
@@ -196,12 +197,14 @@ class PerceptionMetrics(torchmetrics.Metric):
         scores, labels = prob.max(-1)
         boxes = box_convert(output["boxes"].float().flatten(0, 1), "cxcywh", "xyxy")
         t = _images(target)
-        preds, gts = [], []
         for i in range(boxes.shape[0]):
             keep = t["box_labels"][i] >= 0
-            preds.append({"boxes": boxes[i], "scores": scores[i], "labels": labels[i]})
-            gts.append({"boxes": t["boxes"][i][keep].float(), "labels": t["box_labels"][i][keep]})
-        self.map.update(preds, gts)
+            self._detections.append(
+                (
+                    {"boxes": boxes[i].cpu(), "scores": scores[i].cpu(), "labels": labels[i].cpu()},
+                    {"boxes": t["boxes"][i][keep].float().cpu(), "labels": t["box_labels"][i][keep].cpu()},
+                )
+            )
         # lanes that exist: mean point distance, in image widths
         diff = (output["lanes"].float() - target["lanes"].float()) * torch.tensor(
             [1.0, self.aspect], device=self.device
@@ -216,9 +219,27 @@ class PerceptionMetrics(torchmetrics.Metric):
         self.delta1_count += int((torch.maximum(pred / true, true / pred) < 1.25).sum())
         self.pixels += int(valid.sum())
 
+    def reset(self) -> None:
+        super().reset()
+        self._detections = []
+
+    def _map50(self) -> float:
+        """COCO-style mAP@0.5 over every rank's detections (gathered as objects: torchmetrics'
+        own sync of the detection lists breaks over gloo when ranks hold different counts)."""
+        detections = self._detections
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            parts: list = [None] * dist.get_world_size()
+            dist.all_gather_object(parts, detections)
+            detections = [d for part in parts for d in part]
+        if not detections:
+            return 0.0
+        metric = MeanAveragePrecision(box_format="xyxy", iou_thresholds=[0.5], backend="pycocotools")
+        metric.update([p for p, _ in detections], [t for _, t in detections])
+        return float(metric.compute()["map_50"])
+
     def compute(self) -> dict[str, float]:
         return {
-            "box_map50": float(self.map.compute()["map_50"]),
+            "box_map50": self._map50(),
             "lane_error": float(self.lane_error_sum / self.lane_count.clamp(min=1)),
             "depth_absrel": float(self.absrel_sum / self.pixels.clamp(min=1)),
             "depth_delta1": float(self.delta1_count / self.pixels.clamp(min=1)),
