@@ -143,9 +143,10 @@ def mlp(dim_in: int, hidden: int, dim_out: int, layers: int = 3) -> nn.Sequentia
 
 
 class DepthDecoder(nn.Module):
-    """Fused tokens of one camera -> full-resolution log-depth, top-down through the backbone's
-    finer feature maps (skip connections), with normalised pixel coordinates as extra input
-    channels (the ground's depth depends on where a pixel is in the image)."""
+    """Fused tokens of one camera -> log-depth, top-down through the backbone's finer feature maps
+    (skip connections), with normalised pixel coordinates as extra input channels (the ground's
+    depth depends on where a pixel is in the image). The last convolutions run at half the input
+    resolution; the log-depth map is then upsampled bilinearly to full resolution."""
 
     def __init__(self, d_model: int, skip_channels: list[int], width: int):
         super().__init__()
@@ -171,11 +172,12 @@ class DepthDecoder(nn.Module):
         ):
             x = F.interpolate(reduce(x), size=skip.shape[-2:], mode="bilinear", align_corners=False)
             x = smooth(x + lateral(skip))
-        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
+        x = F.interpolate(x, size=(size[0] // 2, size[1] // 2), mode="bilinear", align_corners=False)
         n, _, h, w = x.shape
         ys = torch.linspace(-1, 1, h, device=x.device, dtype=x.dtype).view(1, 1, h, 1).expand(n, 1, h, w)
         xs = torch.linspace(-1, 1, w, device=x.device, dtype=x.dtype).view(1, 1, 1, w).expand(n, 1, h, w)
-        return self.out(torch.cat([x, ys, xs], dim=1)).squeeze(1)
+        log_depth = self.out(torch.cat([x, ys, xs], dim=1))
+        return F.interpolate(log_depth, size=size, mode="bilinear", align_corners=False).squeeze(1)
 
 
 # ------------------------------------------------------------------ the model

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 from pathlib import Path
 
 import numpy as np
@@ -235,7 +237,8 @@ class PerceptionMetrics(torchmetrics.Metric):
             return 0.0
         metric = MeanAveragePrecision(box_format="xyxy", iou_thresholds=[0.5], backend="pycocotools")
         metric.update([p for p, _ in detections], [t for _, t in detections])
-        return float(metric.compute()["map_50"])
+        with contextlib.redirect_stdout(io.StringIO()):  # pycocotools prints its whole table
+            return float(metric.compute()["map_50"])
 
     def compute(self) -> dict[str, float]:
         return {
@@ -337,13 +340,17 @@ def plot(metric: PerceptionMetrics, example, out_dir: Path) -> list[str]:
             if on:
                 ax.plot(lane[:, 0], lane[:, 1], color="red", lw=0.8, ls="--")
         ax.set_title(f"camera {c}", fontsize=8)
-        axes[1, c].imshow(batch["depth"][0, c], vmin=0, vmax=vmax, cmap="magma")
-        axes[2, c].imshow(depth[c], vmin=0, vmax=vmax, cmap="magma")
+        ax.set_xlim(0, w)
+        ax.set_ylim(h, 0)
+        true_depth = batch["depth"][0, c]
+        axes[1, c].imshow(true_depth, vmin=0, vmax=vmax, cmap="magma")
+        # where the truth has no depth (sky, beyond range) the prediction is not scored: masked
+        axes[2, c].imshow(np.where(true_depth > 0, depth[c], 0), vmin=0, vmax=vmax, cmap="magma")
         for ax in axes[:, c]:
             ax.set_xticks([])
             ax.set_yticks([])
     axes[1, 0].set_ylabel("true depth", fontsize=8)
-    axes[2, 0].set_ylabel("predicted depth", fontsize=8)
+    axes[2, 0].set_ylabel("predicted depth\n(scored pixels)", fontsize=8)
     result = metric.compute()
     fig.suptitle(
         f"rig {batch['sample_id'][0]}: green = truth, red = prediction   "
