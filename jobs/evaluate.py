@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from jobs import tasks
+from jobs.config import recipe_from_dict
 from jobs.export import load_exported
 
 
@@ -30,7 +31,7 @@ def evaluate(
         )
     verify(data_root, manifest, splits=[split])
     cpu = torch.device("cpu")
-    metric, example = task.metrics(), None
+    metric, example = task.metrics(recipe_from_dict(card["config"])), None
     for batch in task.iter_split(data_root, split, batch_size, **card["input"]):
         output = model(*task.inputs(batch, cpu, torch.float32))
         metric.update(output, task.targets(batch, cpu))

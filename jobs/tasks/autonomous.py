@@ -251,9 +251,7 @@ class PerceptionMetrics(torchmetrics.Metric):
         }
 
 
-def metrics(recipe: AutonomousRecipe | None = None) -> PerceptionMetrics:
-    if recipe is None:
-        return PerceptionMetrics()
+def metrics(recipe: AutonomousRecipe) -> PerceptionMetrics:
     return PerceptionMetrics(recipe.data.image_height / recipe.data.image_width, recipe.loss)
 
 
