@@ -13,7 +13,7 @@ import models
 def test_registry_lists_valid_names_on_a_typo():
     assert "retinopathy" in models.names()
     assert {"tiny", "full", "resnet50"} <= set(models.flavours("retinopathy"))
-    with pytest.raises(models.ModelError, match="valid: retinopathy"):
+    with pytest.raises(models.ModelError, match="valid: autonomous, mf, recsys, retinopathy"):
         models.build("retinopthy")
     with pytest.raises(models.ModelError, match="valid: full, resnet50, tiny"):
         models.build("retinopathy", "huge")
