@@ -9,6 +9,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -46,7 +47,8 @@ def user_facing(fn):
         try:
             return fn(*args, **kwargs)
         except user_errors() as e:
-            err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+            # escaped: messages quote paths and C++ sources like "[/__w/.../pair.cc:545]"
+            err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except KeyboardInterrupt:
             err.print("interrupted: start the same command again to resume from the last checkpoint")
@@ -76,14 +78,16 @@ def _metrics_table(title: str, metrics: dict, baseline: dict | None = None) -> T
     table = Table(title=title)
     table.add_column("metric")
     table.add_column("model", justify="right")
-    if baseline:
-        table.add_column(f"baseline ({baseline.get('predictor', 'trivial')})", justify="right")
+    # one baseline ({"predictor": ..., metric: value}) or several ({name: {metric: value}})
+    several = bool(baseline) and all(isinstance(b, dict) for b in baseline.values())
+    baselines = list(baseline.items()) if several else [("trivial", baseline)] if baseline else []
+    for name, b in baselines:
+        table.add_column(f"baseline ({b.get('predictor', name)})", justify="right")
     for k, v in metrics.items():
         if isinstance(v, float):
             row = [k, f"{v:.4f}"]
-            if baseline:
-                b = baseline.get(k)
-                row.append(f"{b:.4f}" if isinstance(b, float) else "")
+            for _, b in baselines:
+                row.append(f"{b[k]:.4f}" if isinstance(b.get(k), float) else "")
             table.add_row(*row)
     return table
 

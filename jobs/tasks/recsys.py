@@ -1,0 +1,352 @@
+"""Music recommendation: play probability of a candidate track after a listening history.
+
+Validation scores every row of the candidate lists (1 real event + sampled tracks per query):
+AUC over all rows, NDCG@10 and precision@10 per list, AUC over rows whose candidate is a
+cold-start track. The same numbers for a popularity ranking and for matrix factorisation (trained
+by this engine as the sibling run `<run>-mf`) land beside them in summary.json.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torchmetrics.classification import BinaryAUROC
+from torchmetrics.retrieval import RetrievalNormalizedDCG, RetrievalPrecision
+from torchmetrics.utilities import dim_zero_cat
+
+from data_loaders import recsys as data
+from data_loaders.shards import load_manifest, shard_paths
+from jobs.config import ConfigError, RecsysModel, RecsysRecipe
+
+METRICS = ("auc", "ndcg10", "precision10", "cold_auc")
+TOP_K = 10
+
+
+def _meta(recipe: RecsysRecipe) -> dict:
+    return load_manifest(recipe.data.root)["meta"]
+
+
+def check_table(recipe: RecsysRecipe, meta: dict) -> int:
+    """Rows of the track-embedding table: the recipe's, if it holds the catalogue, else the catalogue's."""
+    need, asked = meta["num_tracks"], recipe.model.num_tracks
+    if asked is None:
+        return need
+    if asked < need:
+        raise ConfigError(
+            f"model.num_tracks ({asked}) is smaller than the catalogue at {recipe.data.root} ({need} rows with "
+            "padding): raise it or set it to null"
+        )
+    return asked
+
+
+def prepare(recipe: RecsysRecipe) -> dict:
+    d = recipe.data
+    manifest = data.prepare(
+        source=d.source,
+        root=d.root,
+        num_tracks=d.num_tracks,
+        num_users=d.num_users,
+        num_sessions=d.num_sessions,
+        rows_per_shard=d.rows_per_shard,
+        history_len=d.history_len,
+        negatives_per_event=d.negatives_per_event,
+        eval_negatives=d.eval_negatives,
+        n_mels=d.n_mels,
+        frames=d.frames,
+        seed=d.seed,
+        import_path=d.import_path,
+        on_bad_row=d.on_bad_row,
+        num_days=d.num_days,
+        cold_fraction=d.cold_fraction,
+        val_fraction=d.val_fraction,
+        test_fraction=d.test_fraction,
+    )
+    check_table(recipe, manifest["meta"])  # before any worker starts
+    return manifest
+
+
+def datasets(recipe: RecsysRecipe, manifest: dict) -> dict:
+    d = recipe.data
+    return {
+        # rows shuffled before decoding: a training batch mixes queries, sessions and days (a fixed
+        # seed, so the same order every epoch and every run: resumed and repeated runs match)
+        "train": data.read_split(d.root, "train", manifest, shuffle=True, seed=recipe.train.seed),
+        # decoded once and kept in the object store for every epoch's validation
+        "val": data.read_split(d.root, "val", manifest).materialize(),
+    }
+
+
+def model_kwargs(recipe: RecsysRecipe) -> dict:
+    meta = _meta(recipe)
+    kwargs = {"num_tracks": check_table(recipe, meta)}
+    if recipe.model.name != "mf":
+        kwargs |= {
+            "event_features": meta["event_features"],
+            "track_features": meta["track_features"],
+            "context_features": meta["context_features"],
+            # a spectrogram goes through the audio CNN; without one, the published acoustic vector
+            "audio_shape": list(meta["audio_shape"]) if meta["has_audio"] else [meta["acoustic_dim"]],
+        }
+    return kwargs | recipe.model.build_kwargs()
+
+
+def input_spec(recipe: RecsysRecipe) -> dict:
+    """What a caller must send: history of `history_len` events (left-padded), candidate features
+    encoded as in training (names and z-score statistics), audio or the acoustic vector."""
+    meta = _meta(recipe)
+    return {
+        "history_len": meta["history_len"],
+        "has_audio": meta["has_audio"],
+        "audio_shape": meta["audio_shape"] if meta["has_audio"] else [meta["acoustic_dim"]],
+        "acoustic_dim": meta["acoustic_dim"],
+        "catalogue_tracks": meta["catalogue_tracks"],
+        "event_feature_names": meta["event_feature_names"],
+        "context_feature_names": meta["context_feature_names"],
+        "track_feature_names": meta["track_feature_names"],
+        "track_feature_stats": meta["track_feature_stats"],
+        "tracks_file": meta["tracks_file"],
+    }
+
+
+def _tensor(x, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    # Arrow-backed batches are read-only; torch wants writable memory (a copy only when needed)
+    return torch.as_tensor(np.require(x, requirements="W"), device=device, dtype=dtype)
+
+
+# Shape legend: B = rows, H = history events, E/T/X = event/track/context features.
+def inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    audio = batch["candidate_audio"] if "candidate_audio" in batch else batch["candidate_acoustic"]
+    return (
+        _tensor(batch["history_tracks"], device, torch.long),  # [B, H]
+        _tensor(batch["history_features"], device, dtype),  # [B, H, E]
+        _tensor(batch["history_mask"], device, torch.bool),  # [B, H]
+        _tensor(batch["candidate"], device, torch.long),  # [B]
+        _tensor(batch["candidate_features"], device, dtype),  # [B, T]
+        _tensor(audio, device, dtype),  # [B, mels, frames] or [B, 8]
+        _tensor(batch["context"], device, dtype),  # [B, X]
+    )
+
+
+def query_index(query_ids) -> np.ndarray:
+    """A stable 63-bit integer per query id (the retrieval metrics group rows by it): the same in
+    every process and run, unlike hash(); collisions are negligible at millions of queries."""
+    return np.array(
+        [
+            int.from_bytes(hashlib.blake2b(str(q).encode(), digest_size=8).digest(), "little") >> 1
+            for q in query_ids
+        ],
+        dtype=np.int64,
+    )
+
+
+def targets(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    return {
+        "label": _tensor(batch["label"], device, torch.float32),
+        "is_cold": _tensor(batch["is_cold"], device, torch.bool),
+        "index": torch.as_tensor(query_index(batch["query_id"]), device=device),
+    }
+
+
+def loss(recipe: RecsysRecipe, output, batch: dict, device: torch.device) -> torch.Tensor:
+    return F.binary_cross_entropy_with_logits(output.float(), targets(batch, device)["label"])
+
+
+def sample_ids(batch: dict) -> list[str]:
+    # the query, not the row: a candidate list is scored whole on one rank
+    return [str(q) for q in batch["query_id"]]
+
+
+class RankingMetrics(torchmetrics.Metric):
+    """AUC over all rows, NDCG@10 and precision@10 per candidate list, AUC over rows whose
+    candidate is a cold-start track; syncs across ranks by itself.
+
+    The rows are kept in "cat" states and the torchmetrics metrics run on all of them at compute
+    time. (Their own retrieval states are lists synced one update at a time, and a rank that
+    scored no row of some batch makes one update fewer than its peers: the collectives would
+    no longer pair up.)
+
+    A list whose real event was skipped has no relevant row: the ranking metrics leave it out
+    (empty_target_action="skip"); AUC still counts its rows as negatives. With one relevant row
+    per list, precision@10 is at most 0.1.
+    """
+
+    full_state_update = False
+
+    def __init__(self, with_loss: bool = True):
+        super().__init__()
+        self.with_loss = with_loss
+        for name in ("prob", "relevant", "cold", "index"):  # one value per row
+            self.add_state(name, default=[], dist_reduce_fx="cat")
+        self.add_state("loss_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, scores: torch.Tensor, target: dict[str, torch.Tensor]) -> None:
+        """scores: logits [B] (a ranking score for baselines); target: label, is_cold, index [B]."""
+        logits = scores.float()
+        label = target["label"].float()
+        # Probabilities, not logits: BinaryAUROC applies a sigmoid only to batches holding a value
+        # outside [0, 1], and torchmetrics' precision@k counts only rows scored above 0.
+        self.prob.append(torch.sigmoid(logits))
+        self.relevant.append(label.long())
+        self.cold.append(target["is_cold"].bool())
+        self.index.append(target["index"].long())
+        if self.with_loss:
+            self.loss_sum += F.binary_cross_entropy_with_logits(logits, label, reduction="sum").double()
+        self.count += label.numel()
+
+    def rows(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(probability, relevant, cold, query index) of every row scored so far (on this rank)."""
+        return tuple(dim_zero_cat(s) for s in (self.prob, self.relevant, self.cold, self.index))
+
+    def compute(self) -> dict[str, float]:
+        prob, relevant, cold, index = self.rows()  # every rank's rows: the states are synced here
+        ranking = {"top_k": TOP_K, "empty_target_action": "skip", "sync_on_compute": False}
+
+        def score(metric, *args, **kwargs) -> float:
+            metric.update(*args, **kwargs)
+            return float(metric.compute())
+
+        out = {
+            "auc": score(BinaryAUROC(sync_on_compute=False), prob, relevant),
+            "ndcg10": score(RetrievalNormalizedDCG(**ranking), prob, relevant, indexes=index),
+            "precision10": score(RetrievalPrecision(**ranking), prob, relevant, indexes=index),
+            "cold_auc": (
+                score(BinaryAUROC(sync_on_compute=False), prob[cold], relevant[cold])
+                if cold.any()
+                else float("nan")
+            ),
+        }
+        if self.with_loss:
+            out["val_loss"] = float(self.loss_sum / self.count.clamp(min=1))
+        out["val_rows"] = int(self.count)
+        return out
+
+
+def metrics(recipe: RecsysRecipe | None = None) -> RankingMetrics:
+    return RankingMetrics()
+
+
+# ------------------------------------------------------------------ baselines
+
+
+def popularity(root: str | Path, split: str = "val") -> dict:
+    """Rank every candidate by its plays in the training split (tracks.parquet `popularity`);
+    cold tracks have none, so they tie. Scored by the same metric code as the models."""
+    cat = data.load_catalogue(str(root))
+    manifest = load_manifest(root)
+    metric = RankingMetrics(with_loss=False)
+    columns = ["query_id", "candidate", "label", "is_cold"]
+    for path in shard_paths(root, manifest, split):
+        for rb in pq.ParquetFile(path).iter_batches(batch_size=65536, columns=columns):
+            b = rb.to_pydict()
+            scores = torch.as_tensor(
+                np.log1p(cat.popularity[np.asarray(b["candidate"])]), dtype=torch.float32
+            )
+            metric.update(scores, targets(b, torch.device("cpu")))
+    result = metric.compute()
+    return {"predictor": "popularity", **{k: result[k] for k in METRICS}}
+
+
+def mf_recipe(recipe: RecsysRecipe) -> RecsysRecipe:
+    """The sibling MF run: same data, engine, scaling and schedule; MF model and its own lr/epochs."""
+    b = recipe.baselines
+    mf = recipe.model_copy(deep=True)
+    mf.model = RecsysModel(
+        name="mf",
+        flavour=recipe.model.flavour,
+        num_tracks=recipe.model.num_tracks,
+        embedding_dim=b.mf_embedding_dim or recipe.model.embedding_dim,
+    )
+    mf.train.epochs = b.mf_epochs or recipe.train.epochs
+    mf.train.lr = b.mf_lr or recipe.train.lr
+    mf.run.name = f"{recipe.run_name}-mf"
+    return mf
+
+
+def train_mf(recipe: RecsysRecipe, manifest: dict) -> dict:
+    """Train (or resume, or reuse a finished) MF sibling run through jobs.train.train."""
+    import ray
+
+    from jobs.train import train
+
+    mf = mf_recipe(recipe)
+    done = mf.run_dir / "summary.json"
+    if done.is_file():  # a finished run of this very recipe on this very data: reuse it
+        summary = json.loads(done.read_text())
+        if (summary.get("config_hash"), summary.get("data_fingerprint")) != (
+            mf.config_hash(),
+            manifest["fingerprint"],
+        ):
+            summary = None
+    else:
+        summary = None
+    if summary is None:
+        # the driver is connected already; naming its cluster skips the embedded-cluster checks
+        summary = train(mf, address=ray.get_runtime_context().gcs_address)
+    return {
+        "predictor": "matrix factorisation",
+        **{k: summary["metrics"].get(k) for k in METRICS},
+        "steps": summary["steps"],
+        "run": summary["paths"]["run_dir"],
+    }
+
+
+def baseline(recipe: RecsysRecipe, manifest: dict) -> dict[str, dict]:
+    """Popularity ranking always; matrix factorisation trained by this engine unless turned off
+    (baselines.mf) or the recipe's model is MF itself."""
+    out = {"popularity": popularity(recipe.data.root, "val")}
+    if recipe.baselines.mf and recipe.model.name != "mf":
+        out["mf"] = train_mf(recipe, manifest)
+    return out
+
+
+def iter_split(root: str | Path, split: str, batch_size: int, **_):
+    """Decoded batches of a split without Ray (offline evaluation); lists may straddle batches,
+    the retrieval metrics group rows by query."""
+    return data.iter_split_numpy(str(root), split, batch_size)
+
+
+def plot(metric: RankingMetrics, example, out_dir: Path) -> list[str]:
+    """ROC curves (all rows and cold-start rows) and the play-probability distributions of played
+    and not-played rows."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from sklearn.metrics import roc_curve
+
+    result = metric.compute()
+    scores, labels, cold, _ = (t.numpy() for t in metric.rows())
+    fig, (roc, hist) = plt.subplots(1, 2, figsize=(12, 5))
+    roc.plot([0, 1], [0, 1], color="grey", lw=0.8, ls=":", label="chance")
+    roc.plot(*roc_curve(labels, scores)[:2], label=f"all rows (AUC {result['auc']:.3f})")
+    if 0 < labels[cold].sum() < cold.sum():
+        roc.plot(
+            *roc_curve(labels[cold], scores[cold])[:2],
+            label=f"cold-start tracks (AUC {result['cold_auc']:.3f})",
+        )
+    roc.set_xlabel("false-positive rate")
+    roc.set_ylabel("true-positive rate")
+    roc.set_title("ROC: played vs not played")
+    roc.legend(loc="lower right")
+    bins = np.linspace(0, 1, 51)
+    hist.hist(scores[labels == 1], bins=bins, alpha=0.6, density=True, label="played")
+    hist.hist(scores[labels == 0], bins=bins, alpha=0.6, density=True, label="skipped or sampled")
+    hist.set_xlabel("predicted play probability")
+    hist.set_title("score distributions (density)")
+    hist.legend()
+    fig.suptitle(
+        f"{result['val_rows']} rows: NDCG@10 {result['ndcg10']:.3f}, precision@10 {result['precision10']:.3f}"
+    )
+    fig.tight_layout()
+    path = Path(out_dir) / "roc_scores.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [str(path)]
