@@ -53,7 +53,7 @@ def small_data(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1500)  # includes the module fixture: two fits (hybrid, then MF)
 def test_tiny_recipe_beats_matrix_factorisation_and_popularity(tiny_run):
     s = tiny_run
     m, pop, mf = s["metrics"], s["baseline"]["popularity"], s["baseline"]["mf"]
