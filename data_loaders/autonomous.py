@@ -46,12 +46,11 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 
 from .errors import DataError
 from .retinopathy import _check_fractions, assign_split, encode_png
-from .shards import ShardWriter, load_manifest, shard_paths, verify
+from .shards import ShardWriter, iter_tables, load_manifest, readable_paths, reusable
 
 if TYPE_CHECKING:  # ray is heavy; importing data_loaders must stay cheap
     import ray.data
@@ -1178,15 +1177,9 @@ def _existing(root: str, args: dict[str, Any]) -> dict | None:
 
     Missing or damaged shards (or statistics) of a matching dataset are an error naming the file.
     """
-    try:
-        manifest = load_manifest(root)
-    except DataError:
-        return None
-    meta = manifest.get("meta", {})
-    if manifest.get("task") != TASK or any(meta.get(k) != v for k, v in args.items()):
-        return None
-    verify(root, manifest)
-    train_statistics(root)
+    manifest = reusable(root, TASK, lambda meta: all(meta.get(k) == v for k, v in args.items()))
+    if manifest is not None:
+        train_statistics(root)
     return manifest
 
 
@@ -1215,10 +1208,7 @@ def read_split(
     import ray.data
 
     manifest = manifest if manifest is not None else load_manifest(root)
-    verify(root, manifest, [split])
-    paths = shard_paths(root, manifest, split)
-    if not paths:
-        raise DataError(f"split {split!r} of the dataset at {root} is empty")
+    paths = readable_paths(root, manifest, split)
     ds = ray.data.read_parquet(paths).select_columns(_READ_COLUMNS)
     return ds.map_batches(
         decode_batch,
@@ -1246,26 +1236,14 @@ def iter_split_numpy(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Decoded batches of ``split`` in file order with plain pyarrow (no Ray, no augmentation)."""
     manifest = manifest if manifest is not None else load_manifest(root)
-    verify(root, manifest, [split])
     kw = {
         "image_size": image_size,
         "max_boxes": max_boxes,
         "num_lanes": num_lanes,
         "lane_points": lane_points,
     }
-    pending: list[pa.RecordBatch] = []
-    rows = 0
-    for path in shard_paths(root, manifest, split):
-        for rb in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=_READ_COLUMNS):
-            pending.append(rb)
-            rows += rb.num_rows
-            while rows >= batch_size:
-                table = pa.Table.from_batches(pending)
-                yield decode_batch(table.slice(0, batch_size).to_pydict(), augment=False, **kw)
-                rest = table.slice(batch_size)
-                pending, rows = rest.to_batches(), rest.num_rows
-    if rows:
-        yield decode_batch(pa.Table.from_batches(pending).to_pydict(), augment=False, **kw)
+    for table in iter_tables(readable_paths(root, manifest, split), _READ_COLUMNS, batch_size):
+        yield decode_batch(table.to_pydict(), augment=False, **kw)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 
 from .errors import DataError
-from .shards import ShardWriter, load_manifest, shard_paths, verify
+from .shards import ShardWriter, iter_tables, load_manifest, readable_paths, reusable
 
 if TYPE_CHECKING:  # ray is heavy; importing data_loaders must stay cheap
     import ray.data
@@ -1258,15 +1258,9 @@ def _existing(root: str, args: dict[str, Any]) -> dict | None:
 
     Missing or damaged shards (or catalogue) of a matching dataset are an error naming the file.
     """
-    try:
-        manifest = load_manifest(root)
-    except DataError:
-        return None
-    meta = manifest.get("meta", {})
-    if manifest.get("task") != TASK or meta.get("args") != args:
-        return None
-    verify(root, manifest)
-    _check_catalogue(root, meta)
+    manifest = reusable(root, TASK, lambda meta: meta.get("args") == args)
+    if manifest is not None:
+        _check_catalogue(root, manifest["meta"])
     return manifest
 
 
@@ -1468,12 +1462,9 @@ def read_split(
     import ray.data
 
     manifest = manifest if manifest is not None else load_manifest(root)
-    verify(root, manifest, [split])
+    paths = readable_paths(root, manifest, split)
     meta = manifest.get("meta", {})
     _check_catalogue(root, meta)
-    paths = shard_paths(root, manifest, split)
-    if not paths:
-        raise DataError(f"split {split!r} of the dataset at {root} is empty")
     ds = ray.data.read_parquet(paths).select_columns(READ_COLUMNS)
     if shuffle:
         ds = ds.random_shuffle(seed=seed)
@@ -1497,23 +1488,12 @@ def iter_split_numpy(
     A batch may cut a candidate list; group by ``query_id`` for ranking metrics.
     """
     manifest = manifest if manifest is not None else load_manifest(root)
-    verify(root, manifest, [split])
+    paths = readable_paths(root, manifest, split)
     meta = manifest.get("meta", {})
     _check_catalogue(root, meta)
     kw = {"root": root, "history_len": meta["history_len"], "event_features": meta["event_features"]}
-    pending: list[pa.RecordBatch] = []
-    rows = 0
-    for path in shard_paths(root, manifest, split):
-        for rb in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=READ_COLUMNS):
-            pending.append(rb)
-            rows += rb.num_rows
-            while rows >= batch_size:
-                table = pa.Table.from_batches(pending)
-                yield decode_batch(_table_batch(table.slice(0, batch_size)), **kw)
-                rest = table.slice(batch_size)
-                pending, rows = rest.to_batches(), rest.num_rows
-    if rows:
-        yield decode_batch(_table_batch(pa.Table.from_batches(pending)), **kw)
+    for table in iter_tables(paths, READ_COLUMNS, batch_size):
+        yield decode_batch(_table_batch(table), **kw)
 
 
 def _table_batch(table: pa.Table) -> dict[str, Any]:

@@ -21,11 +21,17 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from .errors import DataError
-from .shards import ShardWriter, load_manifest, sha256_file, shard_paths, verify
+from .shards import (
+    ShardWriter,
+    iter_tables,
+    load_manifest,
+    readable_paths,
+    reusable,
+    sha256_file,
+)
 
 if TYPE_CHECKING:  # ray is heavy; importing data_loaders must stay cheap
     import ray.data
@@ -703,20 +709,8 @@ def prepare(
 
 
 def _existing(root: str, args: dict[str, Any]) -> dict | None:
-    """The manifest at ``root`` if it was prepared with ``args``; None if there is none or it differs.
-
-    Shards of a matching dataset that are missing or damaged are an error naming the file, not
-    a reason to regenerate in silence: a user must see that their storage lost data.
-    """
-    try:
-        manifest = load_manifest(root)
-    except DataError:
-        return None
-    meta = manifest.get("meta", {})
-    if manifest.get("task") != TASK or any(meta.get(k) != v for k, v in args.items()):
-        return None
-    verify(root, manifest)
-    return manifest
+    """The manifest at ``root`` if it was prepared with ``args`` (see :func:`shards.reusable`)."""
+    return reusable(root, TASK, lambda meta: all(meta.get(k) == v for k, v in args.items()))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -737,10 +731,7 @@ def read_split(
     import ray.data
 
     manifest = manifest if manifest is not None else load_manifest(root)
-    verify(root, manifest, [split])
-    paths = shard_paths(root, manifest, split)
-    if not paths:
-        raise DataError(f"split {split!r} of the dataset at {root} is empty")
+    paths = readable_paths(root, manifest, split)
     # select_columns is pushed down into the Parquet read: patient_id and eye are never loaded
     ds = ray.data.read_parquet(paths).select_columns(_READ_COLUMNS)
     return ds.map_batches(
@@ -756,20 +747,8 @@ def iter_split_numpy(
 ) -> Iterator[dict[str, np.ndarray]]:
     """Decoded batches of ``split`` in file order with plain pyarrow (no Ray, no augmentation)."""
     manifest = manifest if manifest is not None else load_manifest(root)
-    verify(root, manifest, [split])
-    pending: list[pa.RecordBatch] = []
-    rows = 0
-    for path in shard_paths(root, manifest, split):
-        for rb in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=_READ_COLUMNS):
-            pending.append(rb)
-            rows += rb.num_rows
-            while rows >= batch_size:
-                table = pa.Table.from_batches(pending)
-                yield _decode_table(table.slice(0, batch_size), image_size)
-                rest = table.slice(batch_size)
-                pending, rows = rest.to_batches(), rest.num_rows
-    if rows:
-        yield _decode_table(pa.Table.from_batches(pending), image_size)
+    for table in iter_tables(readable_paths(root, manifest, split), _READ_COLUMNS, batch_size):
+        yield _decode_table(table, image_size)
 
 
 def _decode_table(table: pa.Table, image_size: int) -> dict[str, np.ndarray]:

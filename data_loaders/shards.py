@@ -18,7 +18,7 @@ import glob
 import hashlib
 import json
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import pyarrow as pa
@@ -267,3 +267,45 @@ def _short(err: BaseException, limit: int = 200) -> str:
     """First line of an exception message, capped: error lines must stay one line."""
     text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def readable_paths(root: str, manifest: dict, split: str) -> list[str]:
+    """``split``'s shard paths after :func:`verify` (a corrupt file is named before Ray Data or
+    pyarrow fail on it without saying which); DataError if the split is empty."""
+    verify(root, manifest, [split])
+    paths = shard_paths(root, manifest, split)
+    if not paths:
+        raise DataError(f"split {split!r} of the dataset at {root} is empty")
+    return paths
+
+
+def iter_tables(paths: Iterable[str], columns: list[str], batch_size: int) -> Iterator[pa.Table]:
+    """Tables of exactly ``batch_size`` rows (the last one may be shorter) across shard
+    boundaries, in file order, with plain pyarrow."""
+    pending: list[pa.RecordBatch] = []
+    rows = 0
+    for path in paths:
+        for rb in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns):
+            pending.append(rb)
+            rows += rb.num_rows
+            while rows >= batch_size:
+                table = pa.Table.from_batches(pending)
+                yield table.slice(0, batch_size)
+                rest = table.slice(batch_size)
+                pending, rows = rest.to_batches(), rest.num_rows
+    if rows:
+        yield pa.Table.from_batches(pending)
+
+
+def reusable(root: str, task: str, matches: Callable[[dict], bool]) -> dict | None:
+    """The manifest at ``root`` if it holds ``task`` data whose meta ``matches`` the requested
+    preparation; None if there is none or it differs. Missing or damaged shards of a matching
+    dataset are an error naming the file, not a reason to regenerate in silence."""
+    try:
+        manifest = load_manifest(root)
+    except DataError:
+        return None
+    if manifest.get("task") != task or not matches(manifest.get("meta", {})):
+        return None
+    verify(root, manifest)
+    return manifest
