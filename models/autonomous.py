@@ -35,7 +35,21 @@ BACKBONES = ("tiny", "resnet50", "convnext")
 # ------------------------------------------------------------------ backbones: images -> feature pyramid
 
 
-class TinyBackbone(nn.Module):
+class _Staged(nn.Module):
+    """A stem and stages; forward returns every stage's output (the feature pyramid)."""
+
+    stem: nn.Module
+    stages: nn.ModuleList
+
+    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        x, out = self.stem(x), []
+        for stage in self.stages:
+            x = stage(x)
+            out.append(x)
+        return out
+
+
+class TinyBackbone(_Staged):
     """A small residual CNN (torchvision blocks) for 2 CPU cores: strides 4, 8, 16."""
 
     def __init__(self, widths: tuple[int, ...] = (16, 24, 32, 64)):
@@ -52,15 +66,8 @@ class TinyBackbone(nn.Module):
         )
         self.channels = list(widths[1:])
 
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x, out = self.stem(x), []
-        for stage in self.stages:
-            x = stage(x)
-            out.append(x)
-        return out
 
-
-class ResNet50Backbone(nn.Module):
+class ResNet50Backbone(_Staged):
     """torchvision ResNet-50 (weights=None), its four stages: strides 4, 8, 16, 32."""
 
     def __init__(self):
@@ -69,13 +76,6 @@ class ResNet50Backbone(nn.Module):
         self.stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
         self.stages = nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
         self.channels = [256, 512, 1024, 2048]
-
-    def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        x, out = self.stem(x), []
-        for stage in self.stages:
-            x = stage(x)
-            out.append(x)
-        return out
 
 
 class ConvNextBackbone(nn.Module):
@@ -331,10 +331,6 @@ class AutonomousNet(nn.Module):
                 for o in outputs[:-1]
             ]
         return out
-
-
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 @register("autonomous", "tiny")

@@ -153,10 +153,6 @@ class MatrixFactorisation(nn.Module):
         return self.global_bias + self.bias(candidate).squeeze(-1) + (session * self.items(candidate)).sum(-1)
 
 
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 @register("recsys", "tiny")
 def tiny(**kw) -> HybridRecommender:
     """GRU over 10 events, 32-d embeddings: minutes on 2 CPU cores."""

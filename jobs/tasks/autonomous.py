@@ -172,10 +172,10 @@ class PerceptionMetrics(torchmetrics.Metric):
 
     full_state_update = False
 
-    def __init__(self, aspect: float = 1.0, loss_weights: AutonomousLoss | None = None):
+    def __init__(self, aspect: float, loss_weights: AutonomousLoss):
         super().__init__()
         self.aspect = aspect  # height / width: lane errors are measured in image widths
-        self.weights = loss_weights or AutonomousLoss()
+        self.weights = loss_weights
         self._detections: list[tuple[dict, dict]] = []  # (prediction, truth) per camera image, on CPU
         for name, dtype in (
             ("lane_error_sum", torch.float64),
