@@ -10,21 +10,22 @@ DEFAULT_ENV = {
     "WANDB_SILENT": "true",
     # our driver shows one progress display; Ray Data's per-dataset bars would bury it
     "RAY_DATA_DISABLE_PROGRESS_BARS": "1",
-    # DeepSpeed picks its CPU accelerator on machines without CUDA; say so explicitly there.
-    **(
-        {}
-        if os.environ.get("CUDA_VISIBLE_DEVICES") or os.path.exists("/dev/nvidia0")
-        else {"DS_ACCELERATOR": "cpu"}
-    ),
 }
+# DeepSpeed picks its CPU accelerator on machines without CUDA; CPU workers say so explicitly.
+# It follows the workers, not the driver: a CPU head node drives GPU workers on clusters.
+CPU_ACCELERATOR = {"DS_ACCELERATOR": "cpu"}
+HAS_GPU = bool(os.environ.get("CUDA_VISIBLE_DEVICES")) or os.path.exists("/dev/nvidia0")
 
 
-def worker_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """Environment every Ray worker gets: our defaults, the user's WANDB_* settings, then `extra`."""
-    env = dict(DEFAULT_ENV)
-    env.update({k: v for k, v in os.environ.items() if k.startswith("WANDB_") and k != "WANDB_API_KEY"})
-    env.update(extra or {})
-    return env
+def wandb_env() -> dict[str, str]:
+    """The user's WANDB_* settings, never the key: it must not land in job specs, logs or files."""
+    return {k: v for k, v in os.environ.items() if k.startswith("WANDB_") and k != "WANDB_API_KEY"}
+
+
+def worker_env(extra: dict[str, str] | None = None, use_gpu: bool = False) -> dict[str, str]:
+    """Environment every Ray worker gets: our defaults, the CPU accelerator for CPU workers, the
+    user's WANDB_* settings, then `extra`."""
+    return {**DEFAULT_ENV, **({} if use_gpu else CPU_ACCELERATOR), **wandb_env(), **(extra or {})}
 
 
 def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool = True):
@@ -37,15 +38,21 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
     import ray
     from ray.data import DataContext
 
-    if "DS_ACCELERATOR" in DEFAULT_ENV:  # the driver imports DeepSpeed too (export)
-        os.environ.setdefault("DS_ACCELERATOR", DEFAULT_ENV["DS_ACCELERATOR"])
+    if not HAS_GPU:  # the driver imports DeepSpeed too (export)
+        os.environ.update({k: os.environ.get(k, v) for k, v in CPU_ACCELERATOR.items()})
 
     # Train copies the driver's DataContext to its workers, so this reaches them too
     DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():
         return ray.get_runtime_context()
     address = address or os.environ.get("RAY_ADDRESS")
-    runtime_env = {"env_vars": worker_env()}
+    # no DeepSpeed accelerator here: job-wide variables reach every worker on every node, and
+    # Train's workers get theirs from worker_env(use_gpu=...)
+    runtime_env = {"env_vars": {**DEFAULT_ENV, **wandb_env()}}
+    if address and "://" not in address and address != "auto":
+        # Ray's helpers inside workers (Train's placement-group cleaner, the state API) look the
+        # cluster up again; with several Ray instances on one machine they must be told which
+        runtime_env["env_vars"]["RAY_ADDRESS"] = address
     if address:
         try:
             return ray.init(

@@ -154,6 +154,157 @@ def evaluate(
     out.print(f"plots:   {', '.join(result['plots'])}")
 
 
+@app.command()
+@user_facing
+def tune(
+    config: Config,
+    profile: Profile = None,
+    set_: Sets = None,
+    address: Address = None,
+    output_dir: OutputDir = None,
+    name: Annotated[
+        str | None, typer.Option(help="Sweep name; a sweep whose name exists is resumed.")
+    ] = None,
+):
+    """Search the recipe's `tune.space` with Ray Tune (a full training run per trial); register the best."""
+    from jobs.tune import sweep
+
+    s = sweep(_recipe(config, profile, set_, output_dir, name), address=address)
+    table = Table(title=f"sweep {s['sweep']}: {s['num_trials']} trials, {s['stopped_early']} stopped early")
+    for col in ("trial", "epochs", s["metric"], *_flat_keys(s["trials"][0]["config"])):
+        table.add_column(col, justify="right")
+    for t in s["trials"]:
+        value = t["metrics"].get(s["metric"])
+        mark = (
+            " (best)"
+            if t["trial_id"] == s["best"]["trial_id"]
+            else " (defaults)"
+            if t == s["defaults"]
+            else ""
+        )
+        table.add_row(
+            t["trial_id"] + mark,
+            f"{t['epochs']}{' stopped' if t['stopped_early'] else ''}{' failed' if t['error'] else ''}",
+            f"{value:.4f}" if isinstance(value, float) else "",
+            *(f"{v:.3g}" if isinstance(v, float) else str(v) for v in _flat_keys(t["config"]).values()),
+        )
+    out.print(table)
+    r = s["registered"]
+    out.print(
+        f"test split of the best trial: {', '.join(f'{k} {v:.4f}' for k, v in r['test_metrics'].items() if isinstance(v, float))}"
+    )
+    out.print(f"registered: {s['task']} {r['version']} ({r['stage']}) in {r['registry']}")
+    out.print(f"sweep:      {s['paths']['sweep_dir']}/sweep.json\nplot:       {s['paths']['plot']}")
+
+
+def _flat_keys(config: dict) -> dict:
+    from jobs.tune import _flatten
+
+    return _flatten(config)
+
+
+@app.command()
+@user_facing
+def promote(
+    config: Config,
+    profile: Profile = None,
+    set_: Sets = None,
+    output_dir: OutputDir = None,
+    name: Name = None,
+    model: str | None = typer.Option(
+        None, help="Exported model folder to register (default: the run's model/)."
+    ),
+    version: str | None = typer.Option(
+        None, help="Move this registry version (e.g. v3) instead of registering."
+    ),
+    stage: str = typer.Option(
+        "candidate", help="Stage to put the model in: candidate, production or archived."
+    ),
+    force: bool = typer.Option(False, help="Promote to production even when the recipe's gate refuses."),
+):
+    """Register a run's exported model (scored on the test split), or move a version between stages."""
+    from jobs.promote import promote as to_production
+    from jobs.promote import register_run
+    from jobs.registry import Registry
+
+    recipe = _recipe(config, profile, set_, output_dir, name)
+    if version is None:
+        entry = register_run(recipe, Path(model) if model else None)
+        out.print(
+            _metrics_table(f"{recipe.task} {entry['version']} on the test split", entry["test_metrics"])
+        )
+        out.print(f"registered: {recipe.task} {entry['version']} ({entry['stage']}) in {recipe.registry.uri}")
+        version = entry["version"]
+    if stage == "production":
+        entry = to_production(recipe, version, force=force)
+    elif version and stage != "candidate":
+        entry = Registry(recipe.registry.uri).set_stage(recipe.task, version, stage, "moved by hand")
+    else:
+        return
+    out.print(f"{recipe.task} {version} is now {entry['stage']}")
+
+
+@app.command()
+@user_facing
+def models(
+    registry: str = typer.Option("registry", help="Registry folder or URI (s3://, gs://, ...)."),
+    task: str | None = typer.Option(None, help="Only this task's models."),
+):
+    """List the registry: every task's versions, their stage and test metrics."""
+    from jobs import tasks as all_tasks
+    from jobs.registry import Registry
+
+    reg = Registry(registry)
+    for name in [task] if task else reg.tasks():
+        versions = reg.versions(name)
+        metrics = all_tasks.reported(name)
+        table = Table(title=f"{name} models in {registry}")
+        for col in ("version", "stage", *metrics, "registered", "from"):
+            table.add_column(col, justify="right" if col in metrics else "left")
+        for v in versions:
+            lineage = v.get("lineage", {})
+            origin = (
+                f"sweep {Path(lineage['sweep']).name} trial {lineage['trial']}"
+                if "sweep" in lineage
+                else Path(lineage.get("run", "")).name
+            )
+            table.add_row(
+                v["version"],
+                v["stage"],
+                *(
+                    f"{v['test_metrics'][m]:.4f}" if isinstance(v["test_metrics"].get(m), float) else ""
+                    for m in metrics
+                ),
+                v.get("registered", ""),
+                origin,
+            )
+        out.print(table)
+    if not task and not reg.tasks():
+        out.print(f"no models registered in {registry}")
+
+
+@app.command()
+@user_facing
+def submit(
+    command: Annotated[list[str], typer.Argument(help="The deepfleet command to run, after --.")],
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="Ray dashboard (jobs API) address, e.g. http://head:8265 "
+            "(default: $RAY_ADDRESS, else http://127.0.0.1:8265)."
+        ),
+    ] = None,
+    working_dir: Annotated[
+        str, typer.Option(help="The checkout to send as the job's working directory.")
+    ] = ".",
+    wait: Annotated[bool, typer.Option(help="Stream the logs and exit with the job's status.")] = True,
+):
+    """Run a deepfleet command as a Ray job: deepfleet submit [--address URL] -- train CONFIG --profile NAME."""
+    from jobs.submit import submit as run
+
+    raise typer.Exit(run(command, address=address, working_dir=working_dir, wait=wait))
+
+
 def main(argv: list[str] | None = None) -> None:
     app(args=argv if argv is not None else sys.argv[1:], prog_name="deepfleet")
 

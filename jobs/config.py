@@ -299,6 +299,8 @@ class ScalingSection(Section):
     """One GPU per worker, NCCL between them; otherwise CPU workers over gloo."""
     cpus_per_worker: float = Field(1.0, gt=0)
     """CPUs each worker reserves (its torch thread count on CPU)."""
+    placement_strategy: Literal["PACK", "SPREAD"] = "PACK"
+    """PACK fills as few nodes as possible (fastest collectives); SPREAD puts workers on different nodes when it can. Both re-place the workers on the nodes left after a node is lost."""
 
 
 class RunSection(Section):
@@ -323,6 +325,100 @@ class WandbSection(Section):
     """W&B group (Tune sweeps group their trials)."""
 
 
+SAMPLERS = (
+    "uniform",
+    "quniform",
+    "loguniform",
+    "qloguniform",
+    "randint",
+    "qrandint",
+    "lograndint",
+    "randn",
+    "choice",
+)
+
+
+class TuneScheduler(Section):
+    name: Literal["asha", "fifo"] = "asha"
+    """Trial scheduler: ASHA stops trials behind their peers at each rung; fifo runs every trial to the end."""
+    grace_period: int = Field(1, ge=1)
+    """ASHA: epochs every trial runs before it can be stopped."""
+    reduction_factor: float = Field(3.0, gt=1)
+    """ASHA: only the best 1/reduction_factor of the trials reaching a rung go on to the next."""
+
+
+class TuneSearch(Section):
+    name: Literal["random", "optuna"] = "random"
+    """Search algorithm: random sampling of the space, or Optuna's TPE (learns from finished trials)."""
+    seed: int = 0
+    """Seed of the sampler: the same seed draws the same trials."""
+
+
+class TuneSection(Section):
+    """Hyperparameter search with Ray Tune; every trial is a full Ray Train + DeepSpeed run."""
+
+    metric: str | None = None
+    """Validation metric that ranks trials (one the task reports, or val_loss); None: the task's first."""
+    mode: Literal["max", "min"] | None = None
+    """Whether a higher or lower metric is better; None: the metric's own direction."""
+    num_samples: int = Field(8, ge=1)
+    """Trials to run."""
+    space: dict[str, dict[str, list | Any]] = {}
+    """Search space: `dotted.key: {sampler: args}` with Ray Tune's samplers (uniform, quniform,
+    loguniform, qloguniform, randint, qrandint, lograndint, randn: their arguments as a list;
+    choice: the list of values). A profile's space replaces the recipe's."""
+    trial: dict[str, Any] = {}
+    """Fixed overrides of every trial (`dotted.key: value`), e.g. a shorter `train.epochs`."""
+    include_defaults: bool = True
+    """Run the recipe's own values of the searched keys as the first trial, so the sweep measures
+    what it gains over them."""
+    scheduler: TuneScheduler = TuneScheduler()
+    search: TuneSearch = TuneSearch()
+    max_concurrent: int | None = Field(None, ge=1)
+    """Trials running at once; None: as many as the cluster's CPUs and GPUs hold (each trial needs
+    scaling.num_workers workers plus a CPU for its data pipeline)."""
+    gpus_per_trial: float | None = Field(None, ge=0)
+    """Override the GPUs a trial is counted as needing (None: one per worker when scaling.use_gpu)."""
+
+    @model_validator(mode="after")
+    def _space(self) -> TuneSection:
+        for key, spec in self.space.items():
+            if len(spec) != 1 or next(iter(spec)) not in SAMPLERS:
+                raise ValueError(
+                    f"space.{key}: one sampler expected, as {{loguniform: [1.0e-4, 1.0e-2]}} "
+                    f"(samplers: {', '.join(SAMPLERS)}; got {list(spec)})"
+                )
+            sampler, args = next(iter(spec.items()))
+            if not isinstance(args, list) or not args:
+                raise ValueError(f"space.{key}: {sampler} takes a list of arguments (got {args!r})")
+            if sampler != "choice":
+                try:  # YAML reads 1e-4 (no dot) as a string
+                    spec[sampler] = [float(a) if isinstance(a, str) else a for a in args]
+                except ValueError:
+                    raise ValueError(f"space.{key}: {sampler} takes numbers (got {args!r})") from None
+        return self
+
+
+class RegistryGate(Section):
+    """What a model must show on the test split before it becomes `production`."""
+
+    thresholds: dict[str, float] = {}
+    """Per metric the least (or, for metrics where lower is better, the most) a model may score."""
+    beat_production: bool = True
+    """The model must also score at least as well as the current production model on the ranking metric."""
+    metric: str | None = None
+    """Metric compared with production (None: tune.metric, else the task's first)."""
+
+
+class RegistrySection(Section):
+    uri: str = "registry"
+    """Where registered models live: a local folder or any pyarrow filesystem URI (s3://, gs://,
+    hdfs://); laid out as `<uri>/<task>/<version>/`."""
+    gate: RegistryGate = RegistryGate()
+    auto_promote: bool = False
+    """After a sweep, promote its registered candidate to production when it passes the gate."""
+
+
 class RecipeBase(Section):
     profile: str | None = None
     """Profile the recipe was resolved with (set by the loader)."""
@@ -330,6 +426,8 @@ class RecipeBase(Section):
     scaling: ScalingSection = ScalingSection()
     run: RunSection = RunSection()
     wandb: WandbSection = WandbSection()
+    tune: TuneSection = TuneSection()
+    registry: RegistrySection = RegistrySection()
 
     @property
     def run_name(self) -> str:
@@ -341,7 +439,7 @@ class RecipeBase(Section):
 
     def config_hash(self) -> str:
         """Hash of what changes the trained model (not where it is written or logged)."""
-        payload = self.model_dump(mode="json", exclude={"run", "wandb", "profile"})
+        payload = self.model_dump(mode="json", exclude={"run", "wandb", "profile", "tune", "registry"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -436,7 +534,10 @@ def load_recipe(
     if profile is not None:
         if profile not in profiles:
             raise ConfigError(f"{path}: no profile '{profile}' (profiles: {', '.join(profiles) or 'none'})")
-        raw = _deep_merge(raw, profiles[profile] or {})
+        chosen = profiles[profile] or {}
+        if "space" in (chosen.get("tune") or {}):  # a profile's search space replaces, not extends
+            raw.get("tune", {}).pop("space", None)
+        raw = _deep_merge(raw, chosen)
         raw["profile"] = profile
     for item in overrides or []:
         keys, value = _parse_set(item)
@@ -454,6 +555,27 @@ def load_recipe(
         return cls.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_error_line(e, cls, str(path))) from None
+
+
+def with_values(recipe: RecipeBase, values: dict[str, Any], source: str) -> RecipeBase:
+    """A copy of the recipe with `dotted.key: value` pairs set, validated strictly; a key the
+    recipe does not have, or a value it refuses, is named in one line."""
+    cls = type(recipe)
+    raw = recipe.model_dump(mode="json")
+    valid = _valid_keys(cls)
+    for key, value in values.items():
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=3, cutoff=0.5)
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise ConfigError(f"{source}: '{key}' is not a field of the {recipe.task} recipe{hint}")
+        node = raw
+        for k in key.split(".")[:-1]:
+            node = node[k]
+        node[key.rsplit(".", 1)[-1]] = value
+    try:
+        return cls.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(_error_line(e, cls, source)) from None
 
 
 def recipe_from_dict(data: dict) -> RecipeBase:

@@ -62,17 +62,18 @@ class Progress:
     On a terminal a live bar (step, loss, samples/s); in logs (`ray job logs`, CI) one line per message.
     """
 
-    def __init__(self, queue, metrics_path: Path, total_steps: int, title: str):
+    def __init__(self, queue, metrics_path: Path, total_steps: int, title: str, echo: bool = True):
         from rich.console import Console
 
         self.queue, self.path, self.total, self.title = queue, metrics_path, total_steps, title
+        self.echo = echo
         self.console = Console(stderr=True)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._pump, daemon=True)
         self._bar = None
 
     def __enter__(self) -> Progress:
-        if self.console.is_terminal:
+        if self.echo and self.console.is_terminal:
             from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeRemainingColumn
             from rich.progress import Progress as Bar
 
@@ -112,7 +113,8 @@ class Progress:
         with self.path.open("a") as f:
             for item in items:
                 f.write(json.dumps(item) + "\n")
-                self._show(item)
+                if self.echo:
+                    self._show(item)
 
     def _show(self, m: dict) -> None:
         kind = m.get("kind")

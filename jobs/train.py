@@ -95,16 +95,28 @@ def _failure_line(err: Exception) -> str:
     return f"training failed: {last}"
 
 
-def train(recipe: RecipeBase, address: str | None = None) -> dict:
-    """Run (or resume) the recipe's training; returns the summary that is also written to summary.json."""
+def train(
+    recipe: RecipeBase,
+    address: str | None = None,
+    callbacks: list | None = None,
+    echo: bool = True,
+    export: bool = True,
+) -> dict | None:
+    """Run (or resume) the recipe's training; returns the summary that is also written to summary.json.
+
+    callbacks: extra Ray Train callbacks (a Tune trial passes Tune's report callback);
+    echo: print progress (a Tune trial leaves that to the sweep's own lines);
+    export: export the model and write summary.json (`finish`); a Tune trial leaves that to the
+    sweep, which exports its best trial only (the scheduler may stop a trial at any report)."""
+    import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     from cluster.local import connect, worker_env
-    from jobs.export import export
     from jobs.tracking import Progress
-    from jobs.worker import CKPT_TAG, resolve_dtype, train_loop_per_worker
+    from jobs.worker import train_loop_per_worker
 
     task = tasks.get(recipe.task)
     # paths travel to workers on other nodes: make them absolute (shared storage on clusters)
@@ -132,9 +144,10 @@ def train(recipe: RecipeBase, address: str | None = None) -> dict:
     connect(address)
     check_cluster(recipe, embedded=not (address or os.environ.get("RAY_ADDRESS")))
     s = recipe.scaling
-    dtype = resolve_dtype(recipe.train.dtype, s.use_gpu)
 
-    progress = Queue(actor_options={"num_cpus": 0})
+    # on the driver's node: losing a worker node must not lose the progress log (restores included)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    progress = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": here})
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={
@@ -149,14 +162,16 @@ def train(recipe: RecipeBase, address: str | None = None) -> dict:
             num_workers=s.num_workers,
             use_gpu=s.use_gpu,
             resources_per_worker={"CPU": s.cpus_per_worker, **({"GPU": 1} if s.use_gpu else {})},
+            placement_strategy=s.placement_strategy,
         ),
         run_config=RunConfig(
             name=recipe.run_name,
             storage_path=str(run_dir.parent),
             failure_config=FailureConfig(max_failures=recipe.run.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=recipe.run.keep_checkpoints),
-            worker_runtime_env={"env_vars": worker_env()},
+            worker_runtime_env={"env_vars": worker_env(use_gpu=s.use_gpu)},
             logging_config=LoggingConfig(log_level="WARNING"),
+            callbacks=callbacks or [],
         ),
         datasets=task.datasets(recipe, manifest),
         # validation is not split: every rank scores a hashed share of every row (exact metrics)
@@ -166,7 +181,7 @@ def train(recipe: RecipeBase, address: str | None = None) -> dict:
     tic = time.perf_counter()
     from ray.train.v2.api.exceptions import TrainingFailedError
 
-    with Progress(progress, metrics_path, total_steps, f"{recipe.task} {recipe.run_name}"):
+    with Progress(progress, metrics_path, total_steps, f"{recipe.task} {recipe.run_name}", echo=echo):
         try:
             result = trainer.fit()
         except TrainingFailedError as e:
@@ -174,13 +189,22 @@ def train(recipe: RecipeBase, address: str | None = None) -> dict:
     wall = time.perf_counter() - tic
     if result.checkpoint is None:
         raise UserError(f"training of {run_dir} ended without a checkpoint")
+    return finish(recipe, result.checkpoint, manifest, wall) if export else None
 
+
+def finish(recipe: RecipeBase, checkpoint, manifest: dict, wall: float | None = None) -> dict:
+    """Export a finished run's checkpoint (a ray.train.Checkpoint) and write its summary.json."""
+    from jobs.export import export
+    from jobs.worker import CKPT_TAG, resolve_dtype
+
+    task, run_dir, s = tasks.get(recipe.task), recipe.run_dir, recipe.scaling
+    metrics_path = run_dir / "metrics.jsonl"
     lines = _read_lines(metrics_path)
     val = (lines.get("val") or [{}])[-1]
     done = (lines.get("done") or [{}])[-1]
     metrics = {k: val[k] for k in (*task.METRICS, "val_loss", "val_rows") if k in val}
     baseline = task.baseline(recipe, manifest)
-    with result.checkpoint.as_directory() as ckpt:
+    with checkpoint.as_directory() as ckpt:
         state = json.loads(Path(ckpt, "state.json").read_text())
         model_dir = export(
             Path(ckpt),
@@ -190,7 +214,7 @@ def train(recipe: RecipeBase, address: str | None = None) -> dict:
             metrics=metrics,
             baseline=baseline,
             data_fingerprint=manifest["fingerprint"],
-            lineage={"run": str(run_dir), "checkpoint": result.checkpoint.path, "step": state["step"]},
+            lineage={"run": str(run_dir), "checkpoint": checkpoint.path, "step": state["step"]},
         )
     restores = lines.get("restore", [])
     speeds = [ln["samples_per_s"] for ln in lines.get("train", [])[-20:]]
@@ -206,14 +230,14 @@ def train(recipe: RecipeBase, address: str | None = None) -> dict:
         "samples": state["samples"],
         "world_size": s.num_workers,
         "zero_stage": recipe.train.zero_stage,
-        "dtype": dtype,
+        "dtype": resolve_dtype(recipe.train.dtype, s.use_gpu),
         "config_hash": recipe.config_hash(),
         "data_fingerprint": manifest["fingerprint"],
         "restores": [r["step"] for r in restores],
-        "wall_s": round(wall, 1),
+        "wall_s": round(wall, 1) if wall is not None else None,
         "paths": {
             "run_dir": str(run_dir),
-            "checkpoint": result.checkpoint.path,
+            "checkpoint": checkpoint.path,
             "model": str(model_dir),
             "wandb": done.get("wandb"),
             "metrics": str(metrics_path),

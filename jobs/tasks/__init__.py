@@ -2,6 +2,7 @@
 
 A task module provides:
   METRICS                                names of the headline validation metrics (summary.json)
+  LOWER_IS_BETTER                        those of them where lower is better (optional; val_loss always)
   prepare(recipe) -> manifest            generate or import the data into Parquet shards
   datasets(recipe, manifest) -> dict     Ray Datasets "train" and "val", decoded and augmented
   model_kwargs(recipe) -> dict           registry keyword arguments of the recipe's model (the
@@ -34,6 +35,17 @@ def build_model(recipe):
     import models
 
     return models.build(recipe.model.name, recipe.model.flavour, **get(recipe.task).model_kwargs(recipe))
+
+
+def goal(task: str, metric: str) -> str:
+    """"min" when a lower value of the task's metric is better, else "max"."""
+    lower = ("val_loss", *getattr(get(task), "LOWER_IS_BETTER", ()))
+    return "min" if metric in lower else "max"
+
+
+def reported(task: str) -> tuple[str, ...]:
+    """Validation metrics a run of the task reports (what Tune can rank and gates can check)."""
+    return (*get(task).METRICS, "val_loss")
 
 
 def get(name: str) -> ModuleType:

@@ -19,6 +19,7 @@ from data_loaders import autonomous as data
 from jobs.config import AutonomousLoss, AutonomousRecipe
 
 METRICS = ("box_map50", "lane_error", "depth_absrel", "depth_delta1")
+LOWER_IS_BETTER = ("lane_error", "depth_absrel")
 
 
 def prepare(recipe: AutonomousRecipe) -> dict:
