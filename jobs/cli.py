@@ -171,20 +171,19 @@ def tune(
 
     s = sweep(_recipe(config, profile, set_, output_dir, name), address=address)
     table = Table(title=f"sweep {s['sweep']}: {s['num_trials']} trials, {s['stopped_early']} stopped early")
-    for col in ("trial", "epochs", s["metric"], *_flat_keys(s["trials"][0]["config"])):
-        table.add_column(col, justify="right")
+    params = _flat_keys(s["trials"][0]["config"])
+    for col in ("trial", "", "epochs", s["metric"], *params):
+        table.add_column(col, justify="left" if col in ("trial", "") else "right")
     for t in s["trials"]:
         value = t["metrics"].get(s["metric"])
-        mark = (
-            " (best)"
-            if t["trial_id"] == s["best"]["trial_id"]
-            else " (defaults)"
-            if t == s["defaults"]
-            else ""
-        )
+        role = "best" if t["trial_id"] == s["best"]["trial_id"] else ""
+        if s["defaults"] and t["trial_id"] == s["defaults"]["trial_id"]:
+            role = f"{role} defaults".strip()
+        status = " stopped" if t["stopped_early"] else " failed" if t["error"] else ""
         table.add_row(
-            t["trial_id"] + mark,
-            f"{t['epochs']}{' stopped' if t['stopped_early'] else ''}{' failed' if t['error'] else ''}",
+            t["trial_id"],
+            role,
+            f"{t['epochs']}{status}",
             f"{value:.4f}" if isinstance(value, float) else "",
             *(f"{v:.3g}" if isinstance(v, float) else str(v) for v in _flat_keys(t["config"]).values()),
         )

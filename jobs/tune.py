@@ -14,10 +14,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
+
+from ray.tune.schedulers import ASHAScheduler
 
 from jobs import tasks
 from jobs.config import ConfigError, RecipeBase, recipe_from_dict, save_recipe, with_values
@@ -200,15 +203,53 @@ def _search(recipe: RecipeBase, defaults: dict | None, at_once: int):
     )
 
 
-def _scheduler(recipe: RecipeBase, max_t: int):
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+class ResumableASHA(ASHAScheduler):
+    """ASHA that keeps its rungs beside the sweep. Tune checkpoints the searcher but not the
+    scheduler: a resumed sweep would judge its remaining trials against empty rungs."""
+
+    def __init__(self, state_path: str, **kwargs):
+        super().__init__(**kwargs)
+        self._state_path, self._loaded = state_path, False
+
+    def _load(self) -> None:
+        if not self._loaded and Path(self._state_path).is_file():
+            self.restore(self._state_path)
+        self._loaded = True
+
+    def _save(self) -> None:
+        tmp = f"{self._state_path}.tmp"
+        self.save(tmp)
+        os.replace(tmp, self._state_path)
+
+    def on_trial_add(self, tune_controller, trial):
+        self._load()
+        super().on_trial_add(tune_controller, trial)
+
+    def on_trial_result(self, tune_controller, trial, result):
+        self._load()
+        action = super().on_trial_result(tune_controller, trial, result)
+        self._save()
+        return action
+
+    def on_trial_complete(self, tune_controller, trial, result):
+        self._load()
+        super().on_trial_complete(tune_controller, trial, result)
+        self._save()
+
+
+def _scheduler(recipe: RecipeBase, max_t: int, state: Path):
+    from ray.tune.schedulers import FIFOScheduler
 
     s = recipe.tune.scheduler
     if s.name == "fifo":
         return FIFOScheduler()
     # time is the epoch the worker reports, not Tune's report count: a resumed trial keeps its place
-    return ASHAScheduler(
-        time_attr="epoch", max_t=max_t, grace_period=s.grace_period, reduction_factor=s.reduction_factor
+    return ResumableASHA(
+        str(state),
+        time_attr="epoch",
+        max_t=max_t,
+        grace_period=s.grace_period,
+        reduction_factor=s.reduction_factor,
     )
 
 
@@ -279,7 +320,7 @@ def sweep(recipe: RecipeBase, address: str | None = None) -> dict:
                 num_samples=recipe.tune.num_samples,
                 max_concurrent_trials=at_once,
                 search_alg=_search(recipe, defaults, at_once),
-                scheduler=_scheduler(recipe, max_t),
+                scheduler=_scheduler(recipe, max_t, sweep_dir / "asha.pkl"),
                 trial_name_creator=_trial_dirname,
                 trial_dirname_creator=_trial_dirname,
             ),
@@ -288,6 +329,8 @@ def sweep(recipe: RecipeBase, address: str | None = None) -> dict:
     # 2. the trials
     grid = tuner.fit()
     wall = time.perf_counter() - tic
+    if grid.num_terminated + grid.num_errors < len(grid):  # Ctrl-C: Tune saved its state and returned
+        raise UserError(f"sweep {name} interrupted: start the same command again to resume it")
 
     trials = [_trial_summary(r, sweep_dir, metric, max_t) for r in grid]
     trials.sort(key=lambda t: t["trial_id"])
@@ -305,7 +348,8 @@ def sweep(recipe: RecipeBase, address: str | None = None) -> dict:
     from jobs.train import finish
 
     best_recipe = trial_recipe(base, best["config"], best["trial_id"], sweep_dir, name)
-    last = sorted(best_recipe.run_dir.glob("checkpoint_*"))[-1]
+    # Train names checkpoint directories by time: the last one closes the last epoch
+    last = sorted(p for p in best_recipe.run_dir.glob("checkpoint_*") if (p / "state.json").is_file())[-1]
     best["summary"] = finish(best_recipe, Checkpoint(str(last)), manifest)
     best["model"] = best["summary"]["paths"]["model"]
     entry = register_run(
@@ -400,6 +444,9 @@ def plot_sweep(trials: list[dict], metric: str, best: str, path: Path) -> None:
         ax.plot(
             xs, ys, marker="o", linestyle="--" if t["stopped_early"] else "-", label=t["trial_id"], **style
         )
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"validation {metric}")
     ax.set_title(f"{len(trials)} trials (dashed: stopped early; black: best {best})")
