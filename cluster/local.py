@@ -54,6 +54,9 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
         # cluster up again; with several Ray instances on one machine they must be told which
         runtime_env["env_vars"]["RAY_ADDRESS"] = address
     if address:
+        # a job's driver (`deepfleet submit`, KubeRay) gets the job's runtime env too; the same
+        # WANDB_* keys in both are the same settings, not a conflict (ours win, key by key)
+        os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         try:
             return ray.init(
                 address=address, runtime_env=runtime_env, log_to_driver=True, logging_level="ERROR"
