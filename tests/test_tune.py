@@ -229,3 +229,20 @@ def test_the_same_sweep_works_for_the_other_tasks(task, ray_local, tmp_path):
     (entry,) = Registry(tmp_path / "registry").versions(task)
     assert entry["stage"] == "candidate" and entry["lineage"]["trial"] == s["best"]["trial_id"]
     assert set(tasks.get(task).METRICS) <= set(entry["test_metrics"])
+
+
+@pytest.mark.timeout(120)
+def test_optuna_search_starts_from_the_recipe_defaults():
+    from jobs.config import load_recipe
+    from jobs.tune import _get, _nest, _search, base_trial_recipe, check_sweep
+
+    recipe = load_recipe(CONFIGS / "recsys.yaml", "tiny", ["tune.search.name=optuna"])
+    space = check_sweep(recipe)
+    base = base_trial_recipe(recipe)
+    defaults = _nest({k: _get(base, k) for k in recipe.tune.space})
+    searcher = _search(recipe, defaults, at_once=2)
+    assert type(searcher).__name__ == "OptunaSearch"
+    assert searcher.set_search_properties("ndcg10", "max", space)
+    assert searcher.suggest("first") == {"train": {"lr": recipe.train.lr}, "model": {"id_dropout": 0.3}}
+    second = searcher.suggest("second")
+    assert 1e-3 <= second["train"]["lr"] <= 1e-2 and 0.1 <= second["model"]["id_dropout"] <= 0.5
