@@ -9,6 +9,7 @@ online gets the key from its own environment (a Kubernetes secret, the nodes' se
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import shlex
 import socket
@@ -92,6 +93,10 @@ def _client(address: str):
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
+    # the job's own logs follow; Ray's client-side chatter (packaging, default excludes) would bury them
+    for name in ("ray", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
+        logging.getLogger(name).setLevel(logging.ERROR)  # (the last two set INFO for themselves)
+
     # Ray's client lets $RAY_API_SERVER_ADDRESS / $RAY_ADDRESS win over its argument; ours was resolved above
     saved = os.environ.get("RAY_API_SERVER_ADDRESS")
     os.environ["RAY_API_SERVER_ADDRESS"] = address
@@ -99,7 +104,7 @@ def _client(address: str):
         return JobSubmissionClient(address, headers=auth_headers())
     except AuthenticationError as e:
         raise UserError(
-            f"the Ray cluster at {address} refused this machine's token ({str(e).splitlines()[0]}): "
+            f"the Ray cluster at {address} did not accept this machine's token ({str(e).splitlines()[0]}): "
             "put the cluster's token in ~/.ray/auth_token or $RAY_AUTH_TOKEN (`ray get-auth-token` on its head)"
         ) from None
     except (ConnectionError, RuntimeError, ValueError) as e:
@@ -168,8 +173,9 @@ def submit(
     job_id = f"deepfleet-{command[0]}-{uuid.uuid4().hex[:8]}"
     entrypoint = shlex.join(["python", "-m", "jobs.cli", *command])
     _submit(client, entrypoint, runtime_env(working_dir), job_id)
-    follow = f"ray job logs --address {address} --follow {job_id}"
-    stop = f"ray job stop --address {address} {job_id}"
+    ray = "RAY_AUTH_MODE=token ray" if auth_headers() else "ray"  # Ray's CLI sends the token only then
+    follow = f"{ray} job logs --address {address} --follow {job_id}"
+    stop = f"{ray} job stop --address {address} {job_id}"
     print(f"submitted {job_id} to {address}: {entrypoint}", file=sys.stderr, flush=True)
     if not wait:
         print(f"follow: {follow}\nstop:   {stop}", file=sys.stderr)
@@ -184,7 +190,8 @@ def submit(
     if status == "SUCCEEDED":
         print(f"job {job_id} succeeded", file=sys.stderr)
         return 0
-    reason = (info.message or "").strip().splitlines()
+    # Ray appends "last available logs ...": they were streamed above
+    reason = (info.message or "").split(", last available logs")[0].strip().splitlines()
     print(f"job {job_id} {status.lower()}: {reason[0] if reason else 'no message'}", file=sys.stderr)
     return 1
 

@@ -175,6 +175,11 @@ def test_submit_runs_on_two_nodes_and_survives_losing_one(two_nodes, tiny_data, 
     for s in ["train.max_steps=24", "train.checkpoint_every=4", "scaling.placement_strategy=SPREAD"]:
         cmd += ["--set", s]
     cmd += ["--set", f"data.root={tiny_data}"]
+    # token authentication: a wrong token is one line, before anything is uploaded
+    env = {**os.environ, "RAY_AUTH_TOKEN": "not-the-token"}
+    wrong = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert wrong.returncode == 1 and "did not accept this machine's token" in wrong.stderr, wrong.stderr
+    assert "not-the-token" not in wrong.stdout + wrong.stderr
     log = tmp_path / "submit.log"
     tic = time.time()
     with log.open("w") as f:
