@@ -38,7 +38,7 @@ def build_model(recipe):
 
 
 def goal(task: str, metric: str) -> str:
-    """"min" when a lower value of the task's metric is better, else "max"."""
+    """Return "min" when a lower value of the metric is better, else "max"."""
     lower = ("val_loss", *getattr(get(task), "LOWER_IS_BETTER", ()))
     return "min" if metric in lower else "max"
 
