@@ -223,7 +223,7 @@ def test_the_same_sweep_works_for_the_other_tasks(task, ray_local, tmp_path):
         ],
     )
     s = sweep(recipe)
-    metric = tasks.get(task).METRICS[0]
+    metric = recipe.tune.metric or tasks.get(task).METRICS[0]
     assert s["metric"] == metric and s["num_trials"] == 2 and s["trials_at_once"] == 2
     assert s["best"]["epochs"] == s["max_epochs"] and metric in s["best"]["metrics"]
     (entry,) = Registry(tmp_path / "registry").versions(task)
