@@ -167,11 +167,11 @@ def tune(
     ] = None,
 ):
     """Search the recipe's `tune.space` with Ray Tune (a full training run per trial); register the best."""
-    from jobs.tune import sweep
+    from jobs.tune import flatten, sweep
 
     s = sweep(_recipe(config, profile, set_, output_dir, name), address=address)
     table = Table(title=f"sweep {s['sweep']}: {s['num_trials']} trials, {s['stopped_early']} stopped early")
-    params = _flat_keys(s["trials"][0]["config"])
+    params = flatten(s["trials"][0]["config"])
     for col in ("trial", "", "epochs", s["metric"], *params):
         table.add_column(col, justify="left" if col in ("trial", "") else "right")
     for t in s["trials"]:
@@ -185,7 +185,7 @@ def tune(
             role,
             f"{t['epochs']}{status}",
             f"{value:.4f}" if isinstance(value, float) else "",
-            *(f"{v:.3g}" if isinstance(v, float) else str(v) for v in _flat_keys(t["config"]).values()),
+            *(f"{v:.3g}" if isinstance(v, float) else str(v) for v in flatten(t["config"]).values()),
         )
     out.print(table)
     r = s["registered"]
@@ -194,12 +194,6 @@ def tune(
     )
     out.print(f"registered: {s['task']} {r['version']} ({r['stage']}) in {r['registry']}")
     out.print(f"sweep:      {s['paths']['sweep_dir']}/sweep.json\nplot:       {s['paths']['plot']}")
-
-
-def _flat_keys(config: dict) -> dict:
-    from jobs.tune import _flatten
-
-    return _flatten(config)
 
 
 @app.command()

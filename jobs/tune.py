@@ -62,11 +62,11 @@ def _nest(flat: dict[str, Any]) -> dict:
     return out
 
 
-def _flatten(nested: dict, prefix: str = "") -> dict[str, Any]:
+def flatten(nested: dict, prefix: str = "") -> dict[str, Any]:
     out = {}
     for k, v in nested.items():
         if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
             out[f"{prefix}{k}"] = v
     return out
@@ -98,12 +98,19 @@ def check_sweep(recipe: RecipeBase) -> dict:
 
 
 def trial_recipe(base: RecipeBase, params: dict, trial_id: str, sweep_dir: Path, sweep: str) -> RecipeBase:
-    flat = {k: v.item() if hasattr(v, "item") else v for k, v in _flatten(params).items()}
+    flat = {k: v.item() if hasattr(v, "item") else v for k, v in flatten(params).items()}
     recipe = with_values(base, flat, f"trial {trial_id}")
     recipe.run.output_dir = str(sweep_dir / "trials")
     recipe.run.name = trial_id
     recipe.wandb.group = sweep  # one W&B run per trial, grouped per sweep
     return recipe
+
+
+def defaults_point(recipe: RecipeBase, base: RecipeBase) -> dict | None:
+    """The recipe's own values of the searched keys, as a (nested) point of the space. A key left
+    to the model flavour (None) is sampled: the point is then partly the recipe's."""
+    own = {k: _get(base, k) for k in recipe.tune.space}
+    return _nest({k: v for k, v in own.items() if v is not None}) or None
 
 
 def trials_at_once(recipe: RecipeBase, resources: dict) -> int:
@@ -157,7 +164,7 @@ def _printer(metric: str, max_t: int):
         """One line per trial event on the driver (Tune's own table is off)."""
 
         def on_trial_start(self, iteration, trials, trial, **info):
-            shown = ", ".join(f"{k}={_fmt(v)}" for k, v in _flatten(trial.config).items())
+            shown = ", ".join(f"{k}={_fmt(v)}" for k, v in flatten(trial.config).items())
             _say(f"trial {trial.trial_id} started: {shown}")
 
         def on_trial_result(self, iteration, trials, trial, result, **info):
@@ -192,8 +199,8 @@ def _search(recipe: RecipeBase, defaults: dict | None, at_once: int):
         except ImportError:
             raise UserError("tune.search optuna needs the optuna package: pip install optuna") from None
         # Optuna takes whole points, keyed by the flattened "section/field" names
-        whole = defaults and len(_flatten(defaults)) == len(t.space)
-        points = [{k.replace(".", "/"): v for k, v in _flatten(defaults).items()}] if whole else None
+        whole = defaults and len(flatten(defaults)) == len(t.space)
+        points = [{k.replace(".", "/"): v for k, v in flatten(defaults).items()}] if whole else None
         return OptunaSearch(points_to_evaluate=points, seed=t.search.seed)
     from ray.tune.search import BasicVariantGenerator
 
@@ -281,11 +288,7 @@ def sweep(recipe: RecipeBase, address: str | None = None) -> dict:
 
     at_once = trials_at_once(base, ray.cluster_resources())
     max_t = base.train.epochs
-    defaults = None
-    if recipe.tune.include_defaults:
-        # a key left to the model flavour (None) is sampled: the point is then partly the recipe's
-        own = {k: _get(base, k) for k in recipe.tune.space}
-        defaults = _nest({k: v for k, v in own.items() if v is not None}) or None
+    defaults = defaults_point(recipe, base) if recipe.tune.include_defaults else None
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial, base=base.model_dump(mode="json"), sweep_dir=str(sweep_dir), sweep=name
@@ -401,7 +404,7 @@ def _get(recipe: RecipeBase, key: str):
 
 
 def _same(config: dict, point: dict) -> bool:
-    a, b = _flatten(config), _flatten(point)
+    a, b = flatten(config), flatten(point)
     return a.keys() == b.keys() and all(
         math.isclose(a[k], b[k]) if isinstance(b[k], float) else a[k] == b[k] for k in b
     )
@@ -451,9 +454,7 @@ def plot_sweep(trials: list[dict], metric: str, best: str, path: Path) -> None:
     ax.set_ylabel(f"validation {metric}")
     ax.set_title(f"{len(trials)} trials (dashed: stopped early; black: best {best})")
     ax.legend(fontsize=6, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    tasks.save_figure(fig, path.parent, path.name, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> None:

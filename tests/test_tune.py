@@ -234,13 +234,11 @@ def test_the_same_sweep_works_for_the_other_tasks(task, ray_local, tmp_path):
 @pytest.mark.timeout(120)
 def test_optuna_search_starts_from_the_recipe_defaults():
     from jobs.config import load_recipe
-    from jobs.tune import _get, _nest, _search, base_trial_recipe, check_sweep
+    from jobs.tune import _search, base_trial_recipe, check_sweep, defaults_point
 
     recipe = load_recipe(CONFIGS / "recsys.yaml", "tiny", ["tune.search.name=optuna"])
     space = check_sweep(recipe)
-    base = base_trial_recipe(recipe)
-    defaults = _nest({k: _get(base, k) for k in recipe.tune.space})
-    searcher = _search(recipe, defaults, at_once=2)
+    searcher = _search(recipe, defaults_point(recipe, base_trial_recipe(recipe)), at_once=2)
     assert type(searcher).__name__ == "OptunaSearch"
     assert searcher.set_search_properties("ndcg10", "max", space)
     assert searcher.suggest("first") == {"train": {"lr": recipe.train.lr}, "model": {"id_dropout": 0.3}}

@@ -48,6 +48,19 @@ def reported(task: str) -> tuple[str, ...]:
     return (*get(task).METRICS, "val_loss")
 
 
+def save_figure(fig, out_dir, name: str, dpi: int = 100) -> list[str]:
+    """Lay out, write and close a matplotlib figure; the paths a task's plot() returns."""
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    path = Path(out_dir) / name
+    fig.savefig(path, dpi=dpi)
+    plt.close(fig)
+    return [str(path)]
+
+
 def get(name: str) -> ModuleType:
     if name not in TASKS:
         raise ValueError(f"unknown task '{name}' (valid: {', '.join(TASKS)})")

@@ -17,6 +17,7 @@ from torchvision.ops import box_convert, generalized_box_iou, generalized_box_io
 
 from data_loaders import autonomous as data
 from jobs.config import AutonomousLoss, AutonomousRecipe
+from jobs.tasks import save_figure
 
 METRICS = ("box_map50", "lane_error", "depth_absrel", "depth_delta1")
 LOWER_IS_BETTER = ("lane_error", "depth_absrel")
@@ -356,8 +357,4 @@ def plot(metric: PerceptionMetrics, example, out_dir: Path) -> list[str]:
         f"mAP@0.5 {result['box_map50']:.2f}  lane error {result['lane_error']:.3f} W  "
         f"depth AbsRel {result['depth_absrel']:.3f}"
     )
-    fig.tight_layout()
-    path = Path(out_dir) / "rig_predictions.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return [str(path)]
+    return save_figure(fig, out_dir, "rig_predictions.png")

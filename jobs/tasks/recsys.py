@@ -24,6 +24,7 @@ from torchmetrics.utilities import dim_zero_cat
 from data_loaders import recsys as data
 from data_loaders.shards import load_manifest, shard_paths
 from jobs.config import ConfigError, RecsysModel, RecsysRecipe
+from jobs.tasks import save_figure
 
 METRICS = ("auc", "ndcg10", "precision10", "cold_auc")
 TOP_K = 10
@@ -345,8 +346,4 @@ def plot(metric: RankingMetrics, example, out_dir: Path) -> list[str]:
     fig.suptitle(
         f"{result['val_rows']} rows: NDCG@10 {result['ndcg10']:.3f}, precision@10 {result['precision10']:.3f}"
     )
-    fig.tight_layout()
-    path = Path(out_dir) / "roc_scores.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return [str(path)]
+    return save_figure(fig, out_dir, "roc_scores.png")

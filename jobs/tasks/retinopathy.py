@@ -19,6 +19,7 @@ from torchmetrics.classification import (
 import models
 from data_loaders import retinopathy as data
 from jobs.config import RetinopathyRecipe
+from jobs.tasks import save_figure
 
 REFERABLE = 2  # grade >= 2 (moderate NPDR or worse) is referred to an ophthalmologist
 METRICS = ("kappa", "accuracy", "referable_sensitivity", "referable_specificity")
@@ -161,8 +162,4 @@ def plot(metric: GradeMetrics, example, out_dir: Path) -> list[str]:
         ax.set_title(title)
         ax.tick_params(axis="x", rotation=30)
     fig.suptitle(f"Retinopathy grades: {int(counts.sum())} images")
-    fig.tight_layout()
-    path = Path(out_dir) / "confusion_matrix.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return [str(path)]
+    return save_figure(fig, out_dir, "confusion_matrix.png")
