@@ -22,12 +22,13 @@ from __future__ import annotations
 import csv
 import datetime as _dt
 import difflib
+import functools
 import glob
 import gzip
 import math
 import os
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -1299,6 +1300,20 @@ class Catalogue:
         """Rows including the padding row: the embedding table size."""
         return len(self.track_id)
 
+    @functools.cached_property
+    def index(self) -> dict[str, int]:
+        """Track id -> catalogue index (serving looks requests up by id)."""
+        return {str(t): i for i, t in enumerate(self.track_id) if i}
+
+    def lookup(self, track_ids: Sequence[str], what: str) -> np.ndarray:
+        """Catalogue indices of ``track_ids``; DataError naming the unknown ones."""
+        index = self.index
+        unknown = [t for t in track_ids if t not in index]
+        if unknown:
+            shown = ", ".join(unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            raise DataError(f"unknown track id in {what}: {shown} (not in the model's catalogue)")
+        return np.fromiter((index[t] for t in track_ids), dtype=np.int64, count=len(track_ids))
+
 
 _CATALOGUES: dict[str, tuple[tuple[int, int], Catalogue]] = {}
 
@@ -1421,6 +1436,70 @@ def decode_batch(
         "label": _column(batch["label"]).astype(np.float32),
         "is_negative": _column(batch["is_negative"]).astype(bool),
         "is_cold": _column(batch["is_cold"]).astype(bool),
+    }
+    if cat.audio is not None:
+        out["candidate_audio"] = cat.audio[cand].astype(np.float32)
+    return out
+
+
+def _code(value: str, names: Sequence[str], field: str) -> int:
+    if value not in names:
+        raise DataError(f"{field} '{value}' is not one of {', '.join(names)}")
+    return names.index(value)
+
+
+def encode_query(
+    cat: Catalogue,
+    history: Sequence[dict[str, Any]],
+    context: dict[str, Any],
+    candidates: Sequence[str],
+    history_len: int,
+) -> dict[str, np.ndarray]:
+    """One listening query at serving time -> model inputs, one row per candidate (keys as
+    :func:`decode_batch`, without labels).
+
+    ``history``: the session's past events, oldest first, as MSSD log fields (``track_id``,
+    ``skip_1``..``skip_3``, ``not_skipped``, ``context_switch``, the pause flags,
+    ``hist_user_behavior_n_seekfwd``/``_n_seekback``/``_is_shuffle``/``_reason_end``);
+    ``context``: what is known before the candidate plays (``date``, ``hour_of_day``, ``premium``,
+    ``context_type``, ``hist_user_behavior_reason_start``, ``session_position``,
+    ``session_length``, ...). The features come from the same functions that wrote the training
+    rows, so a served query is encoded exactly as in training. Unknown ids raise DataError.
+    """
+    H = int(history_len)
+    past = list(history)[-H:]  # the model sees the last H events, as in training
+    tracks = cat.lookup([e["track_id"] for e in past], "history")
+    cand = cat.lookup(list(candidates), "candidates")
+    B, E = len(cand), len(past)
+    events = {k: np.asarray([e[k] for e in past]) for k in past[0] if k != "track_id"} if past else {}
+    if past:
+        events["hist_user_behavior_reason_end"] = np.asarray(
+            [_code(e["hist_user_behavior_reason_end"], REASONS, "reason_end") for e in past]
+        )
+        ev = _event_features(events)
+    else:
+        ev = np.zeros((0, len(EVENT_FEATURES)), dtype=np.float32)
+    c = {k: np.asarray([v]) for k, v in context.items() if k != "date"}
+    c["context_type"] = np.asarray([_code(context["context_type"], CONTEXT_TYPES, "context_type")])
+    c["hist_user_behavior_reason_start"] = np.asarray(
+        [_code(context["hist_user_behavior_reason_start"], REASONS, "reason_start")]
+    )
+    day = np.asarray([np.datetime64(context["date"], "D").astype(np.int64)])
+    ctx = _context_features(c, day)
+    hist = np.zeros((B, H), dtype=np.int64)
+    hist_f = np.zeros((B, H, ev.shape[1]), dtype=np.float32)
+    mask = np.zeros((B, H), dtype=bool)
+    if E:  # left padding; the most recent event sits at H - 1
+        hist[:, H - E :], hist_f[:, H - E :], mask[:, H - E :] = tracks, ev, True
+    out = {
+        "history_tracks": hist,
+        "history_features": hist_f,
+        "history_mask": mask,
+        "candidate": cand,
+        "candidate_features": cat.features[cand],
+        "candidate_acoustic": cat.acoustic[cand],
+        "context": np.repeat(ctx, B, axis=0),
+        "is_cold": cat.is_cold[cand],
     }
     if cat.audio is not None:
         out["candidate_audio"] = cat.audio[cand].astype(np.float32)

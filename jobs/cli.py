@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -296,6 +298,80 @@ def submit(
     from jobs.submit import submit as run
 
     raise typer.Exit(run(command, address=address, working_dir=working_dir, wait=wait))
+
+
+@app.command()
+@user_facing
+def serve(
+    config: Annotated[
+        Path | None, typer.Option(help="Serve config file, e.g. configs/serve/deepfleet.yaml.")
+    ] = None,
+    task: Annotated[
+        list[str] | None, typer.Option(help="Task to serve (repeatable; default: every task in production).")
+    ] = None,
+    registry: Annotated[
+        str | None, typer.Option(help="Registry folder or URI (default: ./registry, or the config's).")
+    ] = None,
+    canary: Annotated[
+        list[str] | None, typer.Option(help="Serve a second version beside production: TASK=VERSION.")
+    ] = None,
+    canary_percent: Annotated[float, typer.Option(help="The canary's share of requests, 0-100.")] = 10,
+    address: Address = None,
+    host: Annotated[str, typer.Option(help="HTTP host of Serve's proxy.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="HTTP port of Serve's proxy.")] = 8000,
+):
+    """Serve the registry's models on Ray Serve (HTTP, batching, autoscaling, canary, drift)."""
+    from cluster.local import connect
+    from jobs import serve as deploy
+    from jobs.errors import UserError
+    from jobs.registry import Registry
+
+    canaries = dict(c.split("=", 1) for c in canary or [] if "=" in c)
+    if len(canaries) != len(canary or []):
+        raise UserError(f"--canary takes TASK=VERSION, got {', '.join(canary or [])}")
+    if config:
+        cfg = deploy.override(deploy.load(config), registry)
+    else:
+        registry = registry or "registry"
+        tasks = task or [t for t in Registry(registry).tasks() if Registry(registry).production(t)]
+        if not tasks:
+            raise UserError(
+                f"no model in production in {registry} (deepfleet promote ... --stage production)"
+            )
+        cfg = deploy.config_for(tasks, registry, host, port, canaries, canary_percent)
+    deploy.check_models(cfg)
+    embedded = not (address or os.environ.get("RAY_ADDRESS"))
+    connect(address)
+    out.print(f"deploying {', '.join(a['name'] for a in cfg['applications'])} ...")
+    details = deploy.deploy(cfg, deploy.dashboard_url(), progress=out.print)
+    for name, url in deploy.urls(details).items():  # plain lines: URLs must not be cut to fit a table
+        out.print(
+            f"{name}: POST {url}/predict   docs {url}/docs   GET {url}/health, {url}/drift", soft_wrap=True
+        )
+    if embedded:
+        out.print("the embedded cluster serves while this command runs: Ctrl-C stops it")
+        while True:
+            time.sleep(3600)
+
+
+@app.command()
+@user_facing
+def canary(
+    task: Annotated[str, typer.Argument(help="The application (task) whose canary moves.")],
+    percent: Annotated[
+        float, typer.Argument(help="The canary's new share of requests: 0 rolls back, 100 promotes.")
+    ],
+    address: Annotated[
+        str | None, typer.Option(help="Ray cluster address (default: $RAY_ADDRESS, else the local cluster).")
+    ] = None,
+):
+    """Move a served canary's share of traffic in place: no restart, no dropped request."""
+    from cluster.local import connect
+    from jobs import serve as deploy
+
+    connect(address or os.environ.get("RAY_ADDRESS") or "auto")
+    deploy.set_canary(deploy.dashboard_url(), task, percent, progress=out.print)
+    out.print(f"{task}: canary answers {percent:g}% of requests")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,124 @@
+"""The typed application builder: `import_path: serve.app:build` with ServeArgs as `args`.
+
+serve run serve.app:build task=retinopathy registry=/shared/registry
+serve deploy configs/serve/deepfleet.yaml        # the three tasks, see that file
+deepfleet serve                                   # the same, on an embedded cluster by default
+"""
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray import serve
+from ray.serve import Application
+
+Task = Literal["retinopathy", "autonomous", "recsys"]
+
+
+class Args(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # Serve itself would ignore a misspelt key
+
+
+class Batching(Args):
+    """@serve.batch of the model replicas (user_config: change it without a restart)."""
+
+    max_batch_size: int = Field(16, ge=1, le=1024, description="Requests per forward pass at most.")
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, le=10, description="How long a forward pass waits to fill its batch."
+    )
+
+
+class Autoscaling(Args):
+    """Replicas per model version, scaled by Serve on ongoing requests."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(2, ge=1)
+    target_ongoing_requests: float = Field(
+        16, gt=0, description="Requests in flight per replica that Serve aims for (about one batch)."
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self):
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas {self.max_replicas} is below min_replicas {self.min_replicas}")
+        return self
+
+
+class Drift(Args):
+    threshold: float = Field(
+        0.2, gt=0, description="PSI above which a version's live traffic counts as drifted (alert line)."
+    )
+    window: int = Field(500, ge=50, description="Most recent rows the score is computed over.")
+
+
+class ServeArgs(Args):
+    """One task's application: which registry versions to serve and how."""
+
+    task: Task
+    registry: str = Field("registry", description="Registry folder or URI (s3://, gs://, ...).")
+    version: str | None = Field(None, description="Stable version (default: the newest in `stage`).")
+    stage: str = Field("production", description="Stage the stable version is taken from.")
+    canary: str | None = Field(
+        None, description="A second version served beside the stable one (its share: canary_percent)."
+    )
+    canary_percent: float = Field(
+        0, ge=0, le=100, description="Starting share of the canary; move it with `deepfleet canary`."
+    )
+    batching: Batching = Batching()
+    autoscaling: Autoscaling = Autoscaling()
+    max_ongoing_requests: int = Field(
+        64, ge=1, description="Back-pressure: requests a replica holds at most."
+    )
+    model_cpus: float = Field(
+        0.5, gt=0, description="CPUs of a model replica (torch threads: rounded, >= 1)."
+    )
+    model_gpus: float = Field(0, ge=0)
+    ingress_cpus: float = Field(0.25, gt=0)
+    max_body_bytes: int = Field(8 << 20, ge=1024, description="Larger request bodies get 413.")
+    drift: Drift = Drift()
+
+    @model_validator(mode="after")
+    def _canary(self):
+        if self.canary_percent and not self.canary:
+            raise ValueError("canary_percent is set but no canary version is named")
+        return self
+
+
+def versions(args: ServeArgs) -> list[dict]:
+    """Registry entries of the stable version (and the canary): the check that they exist."""
+    from jobs.registry import Registry
+
+    registry = Registry(args.registry)
+    stable = registry.resolve(args.task, args.version, args.stage)
+    out = [stable]
+    if args.canary:
+        if args.canary == stable["version"]:
+            raise ValueError(f"canary {args.canary} is the stable version itself")
+        out.append(registry.entry(args.task, args.canary))
+    return out
+
+
+def build(args: ServeArgs) -> Application:
+    from serve.deployments import Model, ingress
+
+    entries = versions(args)
+    model = serve.deployment(Model).options(
+        max_ongoing_requests=args.max_ongoing_requests,
+        autoscaling_config=args.autoscaling.model_dump(),
+        user_config=args.batching.model_dump(),
+        ray_actor_options={"num_cpus": args.model_cpus, "num_gpus": args.model_gpus},
+    )
+    models = {
+        e["version"]: model.options(name=f"model-{e['version']}").bind(
+            args.task, args.registry, e["version"], args.model_cpus
+        )
+        for e in entries
+    }
+    front = serve.deployment(ingress(args.task, args.max_body_bytes)).options(
+        name="ingress",
+        num_replicas=1,  # one drift window per version: scale the models, not the front
+        max_ongoing_requests=4 * args.max_ongoing_requests,
+        user_config={"canary_percent": args.canary_percent},
+        ray_actor_options={"num_cpus": args.ingress_cpus},
+    )
+    references = {e["version"]: e.get("reference") for e in entries}
+    return front.bind(args.task, models, references, args.drift.model_dump())

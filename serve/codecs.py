@@ -1,0 +1,211 @@
+"""Per task: a request -> model input rows, model output rows -> an answer.
+
+Decoding uses the data loaders' own transforms (the functions training decodes its shards
+with), so a served image or listening session reaches the model exactly as in training.
+Everything a caller can get wrong raises BadInput, which the ingress answers with 422.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from data_loaders.errors import DataError
+
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, DataError)
+
+
+class BadInput(ValueError):
+    """A request the model cannot answer because of what was sent (HTTP 422)."""
+
+
+def _bytes(b64: str, what: str) -> bytes:
+    try:
+        return base64.b64decode(b64, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadInput(f"{what} is not valid base64") from None
+
+
+def _png(rgb: np.ndarray) -> str:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def rows_of(x, start: int, stop: int):
+    """Rows start:stop of a model output (a tensor, or a dict/tuple of them)."""
+    if isinstance(x, dict):
+        return {k: rows_of(v, start, stop) for k, v in x.items()}
+    if isinstance(x, (tuple, list)):
+        return type(x)(rows_of(v, start, stop) for v in x)
+    return x[start:stop]
+
+
+class Codec:
+    """Base: `decode(request) -> rows` (numpy arrays, one leading row dimension), `encode(output,
+    rows) -> answer`, `example() -> request` (what the health check predicts)."""
+
+    def __init__(self, card: dict, model_dir: Path):
+        self.card, self.spec = card, card["input"]
+
+    def decode(self, request: dict) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def encode(self, output, rows: dict[str, np.ndarray], request: dict) -> dict:
+        raise NotImplementedError
+
+    def example(self) -> dict:
+        raise NotImplementedError
+
+
+class Retinopathy(Codec):
+    def decode(self, request: dict) -> dict[str, np.ndarray]:
+        from data_loaders.retinopathy import preprocess_image
+
+        data = _bytes(request["image"], "image")
+        try:
+            x = preprocess_image(data, self.spec["image_size"])
+        except DECODE_ERRORS as e:
+            raise BadInput(f"image does not decode: {str(e).splitlines()[0][:200]}") from None
+        return {"image": x[None]}
+
+    def encode(self, output, rows, request) -> dict:
+        from data_loaders.retinopathy import GRADE_NAMES
+        from jobs.tasks.retinopathy import REFERABLE
+
+        p = torch.softmax(output[0].float(), -1)
+        grade = int(p.argmax())
+        referable = float(p[REFERABLE:].sum())
+        return {
+            "grade": grade,
+            "grade_name": GRADE_NAMES[grade],
+            "probabilities": [float(v) for v in p],
+            "referable": referable >= 0.5,
+            "referable_probability": referable,
+        }
+
+    def example(self) -> dict:
+        size = self.spec["image_size"]
+        rgb = np.zeros((size, size, 3), dtype=np.uint8)
+        rgb[size // 8 : -size // 8, size // 8 : -size // 8] = (150, 70, 30)  # a reddish disc on black
+        return {"image": _png(rgb)}
+
+
+class Autonomous(Codec):
+    DEPTH_STRIDE = 8  # the answer carries depth every 8 pixels: enough to steer by, 64x smaller
+
+    def decode(self, request: dict) -> dict[str, np.ndarray]:
+        from data_loaders.autonomous import preprocess_images
+
+        rgbs = []
+        for k, b64 in enumerate(request["images"]):
+            try:
+                rgbs.append(
+                    np.asarray(Image.open(io.BytesIO(_bytes(b64, f"camera {k} image"))).convert("RGB"))
+                )
+            except DECODE_ERRORS as e:
+                raise BadInput(f"camera {k} image does not decode: {str(e).splitlines()[0][:200]}") from None
+        try:
+            return {"images": preprocess_images(rgbs, self.spec["image_size"])[None]}
+        except DataError as e:
+            raise BadInput(str(e)) from None
+
+    def encode(self, output, rows, request) -> dict:
+        from torchvision.ops import box_convert
+
+        from data_loaders.autonomous import CLASSES
+
+        h, w = self.spec["image_size"]
+        threshold = request.get("score_threshold", 0.5)
+        scores, labels = output["logits"][0].float().softmax(-1)[..., :-1].max(-1)  # [C, Q]
+        boxes = box_convert(output["boxes"][0].float(), "cxcywh", "xyxy") * torch.tensor([w, h, w, h])
+        lanes = output["lanes"][0].float() * torch.tensor([w, h])  # [C, L, P, 2]
+        lane_p = torch.sigmoid(output["lane_logits"][0].float())  # [C, L]
+        cameras = []
+        for c in range(scores.shape[0]):
+            keep = (scores[c] >= threshold).nonzero().flatten().tolist()
+            cameras.append(
+                {
+                    "camera": c,
+                    "objects": [
+                        {
+                            "label": CLASSES[int(labels[c, q])],
+                            "score": float(scores[c, q]),
+                            "box": [round(float(v), 2) for v in boxes[c, q]],
+                        }
+                        for q in sorted(keep, key=lambda q: -float(scores[c, q]))
+                    ],
+                    "lanes": [
+                        {
+                            "slot": slot,
+                            "probability": float(lane_p[c, slot]),
+                            "points": [[round(float(u), 2), round(float(v), 2)] for u, v in lanes[c, slot]],
+                        }
+                        for slot in range(lanes.shape[1])
+                        if lane_p[c, slot] >= 0.5
+                    ],
+                }
+            )
+        s = self.DEPTH_STRIDE
+        depth = torch.nn.functional.avg_pool2d(output["depth"][0].float()[:, None], s, s)[:, 0]
+        return {"cameras": cameras, "depth": {"stride": s, "metres": depth.round(decimals=2).tolist()}}
+
+    def example(self) -> dict:
+        h, w = self.spec["image_size"]
+        rgb = np.full((h, w, 3), 120, dtype=np.uint8)
+        rgb[h // 2 :] = 70  # road below the horizon
+        return {"images": [_png(rgb)] * self.spec["num_cameras"]}
+
+
+class Recsys(Codec):
+    def __init__(self, card: dict, model_dir: Path):
+        from data_loaders.recsys import load_catalogue
+
+        super().__init__(card, model_dir)
+        self.catalogue = load_catalogue(str(model_dir))  # exported beside the weights
+
+    def decode(self, request: dict) -> dict[str, np.ndarray]:
+        from data_loaders.recsys import encode_query
+
+        try:
+            return encode_query(
+                self.catalogue,
+                request["history"],
+                request["context"],
+                request["candidates"],
+                self.spec["history_len"],
+            )
+        except DataError as e:
+            raise BadInput(str(e)) from None
+
+    def encode(self, output, rows, request) -> dict:
+        p = torch.sigmoid(output.float()).numpy()
+        order = np.argsort(-p, kind="stable")
+        return {
+            "ranked": [
+                {
+                    "track_id": request["candidates"][i],
+                    "rank": r + 1,
+                    "play_probability": float(p[i]),
+                    "cold": bool(rows["is_cold"][i]),
+                }
+                for r, i in enumerate(order)
+            ]
+        }
+
+    def example(self) -> dict:
+        ids = [str(t) for t in self.catalogue.track_id[1:4]]
+        return {"history": [{"track_id": ids[0]}], "context": {}, "candidates": ids}
+
+
+CODECS = {"retinopathy": Retinopathy, "autonomous": Autonomous, "recsys": Recsys}
+
+
+def get(task: str, card: dict, model_dir: Path) -> Codec:
+    return CODECS[task](card, model_dir)

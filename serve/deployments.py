@@ -1,0 +1,268 @@
+"""The two deployments of every task's application.
+
+    HTTP -> ingress (FastAPI: validation, body limit, canary split, drift, metrics)
+         -> model-<version> (decode with the training transform, @serve.batch forward, encode)
+
+One `Model` class serves every task and version; one ingress per task, made by `ingress()`,
+differs only in its typed request and response bodies. Canary weights and batch sizes are
+user_config: moving them reconfigures the running replicas (no restart, no dropped request).
+"""
+
+import logging
+import random
+import time
+
+import numpy as np
+import torch
+from fastapi import FastAPI, HTTPException, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+from ray.serve.metrics import Counter, Gauge, Histogram
+
+from serve import codecs
+from serve.schemas import SCHEMAS
+
+logger = logging.getLogger("ray.serve")
+CPU = torch.device("cpu")
+
+
+class Model:
+    """One registry version of a task's model behind @serve.batch."""
+
+    def __init__(self, task: str, registry: str, version: str, cpus: float = 1.0):
+        from jobs import tasks
+        from jobs.export import load_exported
+        from jobs.registry import Registry
+
+        torch.set_num_threads(max(1, round(cpus)))
+        self.version = version
+        model_dir = Registry(registry).fetch(task, version)
+        self.model, self.card = load_exported(model_dir)
+        self.task = tasks.get(task)
+        self.codec = codecs.get(task, self.card, model_dir)
+        self.request_type = SCHEMAS[task][0]
+        self.batch_sizes = Histogram(
+            "deepfleet_batch_size",
+            description="Requests per model forward pass.",
+            boundaries=[1, 2, 4, 8, 16, 32, 64],
+            tag_keys=("task", "version"),
+        )
+        self.batch_sizes.set_default_tags({"task": task, "version": version})
+
+    def reconfigure(self, config: dict) -> None:
+        """user_config: {max_batch_size, batch_wait_timeout_s}; applied to running replicas."""
+        self.forward.set_max_batch_size(int(config.get("max_batch_size", 16)))
+        self.forward.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.01)))
+
+    def _run(self, rows: list[dict[str, np.ndarray]]) -> list[tuple]:
+        """Model outputs and drift features for several requests' rows in one forward pass."""
+        sizes = np.cumsum([0] + [len(next(iter(r.values()))) for r in rows])
+        batch = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
+        with torch.inference_mode():
+            inputs = self.task.inputs(batch, CPU, torch.float32)
+            output = self.model(*inputs)
+            features = self.task.drift_features(inputs, output)
+        return [
+            (codecs.rows_of(output, a, b), {k: v[a:b].tolist() for k, v in features.items()})
+            for a, b in zip(sizes[:-1], sizes[1:], strict=True)
+        ]
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def forward(self, rows: list[dict[str, np.ndarray]]) -> list[tuple]:
+        self.batch_sizes.observe(len(rows))
+        return self._run(rows)
+
+    async def predict(self, request: dict) -> dict:
+        """{"answer": ..., "drift": {feature: values}} or {"error": why} for a bad request."""
+        try:
+            rows = self.codec.decode(request)
+        except codecs.BadInput as e:
+            return {"error": str(e)}
+        output, drift = await self.forward(rows)
+        return {"answer": self.codec.encode(output, rows, request), "drift": drift}
+
+    def check_health(self) -> None:
+        """Serve restarts a replica whose model cannot predict its example request."""
+        request = self.request_type.model_validate(self.codec.example()).model_dump()
+        rows = self.codec.decode(request)
+        output, _ = self._run([rows])[0]
+        values = output.values() if isinstance(output, dict) else [output]
+        if not all(torch.isfinite(v).all() for v in values):
+            raise RuntimeError(f"model {self.version} predicts non-finite values")
+
+    def info(self) -> dict:
+        self.check_health()
+        return {
+            "version": self.version,
+            "model": f"{self.card['model']['name']}/{self.card['model']['flavour']}",
+            "parameters": self.card["model"]["parameters"],
+            "created": self.card.get("created"),
+        }
+
+
+class Ingress:
+    """Routes a validated request to the stable or the canary model version and keeps, per
+    version, request metrics and a drift window of live inputs and predictions."""
+
+    def __init__(
+        self,
+        task: str,
+        models: dict[str, DeploymentHandle],
+        references: dict[str, dict | None],
+        drift: dict,
+    ):
+        from jobs.drift import DriftWindow
+
+        self.task, self.models = task, models
+        self.stable, *canary = list(models)
+        self.canary = canary[0] if canary else None
+        self.percent = 0.0
+        self.drift_threshold = drift["threshold"]
+        self.windows = {
+            v: DriftWindow(ref, window=drift["window"], threshold=drift["threshold"]) if ref else None
+            for v, ref in references.items()
+        }
+        self.alerted: dict[str, float] = {}
+        tags = ("task", "version")
+        self.requests = Counter(
+            "deepfleet_requests",
+            description="Predictions answered, by version and status (ok, client_error, error).",
+            tag_keys=(*tags, "status"),
+        )
+        self.latency = Histogram(
+            "deepfleet_latency_ms",
+            description="Time from the ingress to the model's answer, ms.",
+            boundaries=[1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000],
+            tag_keys=tags,
+        )
+        self.drift_score = Gauge(
+            "deepfleet_drift_score", description="Population stability index of live traffic.", tag_keys=tags
+        )
+
+    def reconfigure(self, config: dict) -> None:
+        """user_config {"canary_percent": p}: the share of requests the canary version answers."""
+        percent = float(config.get("canary_percent", 0))
+        if not 0 <= percent <= 100:
+            raise ValueError(f"canary_percent must be within 0-100, got {percent}")
+        if percent and self.canary is None:
+            raise ValueError("canary_percent is set but the application serves no canary version")
+        self.percent = percent
+
+    def _pick(self) -> str:
+        if self.canary and random.uniform(0, 100) < self.percent:
+            return self.canary
+        return self.stable
+
+    async def route(self, body, response: Response) -> dict:
+        version = self._pick()
+        tags = {"task": self.task, "version": version}
+        start = time.perf_counter()
+        try:
+            result = await self.models[version].predict.remote(body.model_dump())
+        except Exception:
+            self.requests.inc(tags={**tags, "status": "error"})
+            raise
+        if "error" in result:
+            self.requests.inc(tags={**tags, "status": "client_error"})
+            raise HTTPException(status_code=422, detail=result["error"])
+        self.latency.observe((time.perf_counter() - start) * 1000, tags=tags)
+        self.requests.inc(tags={**tags, "status": "ok"})
+        self._observe(version, result["drift"])
+        response.headers["X-Model-Version"] = version
+        return {"version": version, **result["answer"]}
+
+    def _observe(self, version: str, values: dict) -> None:
+        window = self.windows.get(version)
+        if window is None:
+            return
+        window.observe({k: np.asarray(v, dtype=np.float64) for k, v in values.items()})
+        report = window.report()
+        if report["score"] is None:
+            return
+        self.drift_score.set(report["score"], tags={"task": self.task, "version": version})
+        # one alert line a minute while the score stays above the threshold
+        if report["drifted"] and time.monotonic() - self.alerted.get(version, -1e9) > 60:
+            self.alerted[version] = time.monotonic()
+            worst = max(report["features"], key=report["features"].get)
+            logger.warning(
+                f"DRIFT ALERT {self.task} {version}: PSI {report['score']:.3f} above "
+                f"{self.drift_threshold} over the last {report['rows']} rows (worst feature: {worst})"
+            )
+
+    async def health_report(self) -> dict:
+        versions = {}
+        for v, handle in self.models.items():
+            try:
+                versions[v] = await handle.info.remote()
+            except Exception as e:  # a replica that cannot predict
+                raise HTTPException(503, f"model {v} cannot predict: {str(e).splitlines()[0]}") from None
+        shares = {self.stable: 100 - self.percent, **({self.canary: self.percent} if self.canary else {})}
+        return {
+            "status": "ok",
+            "task": self.task,
+            "versions": {v: {**info, "traffic_percent": shares[v]} for v, info in versions.items()},
+        }
+
+    def drift_report(self) -> dict:
+        return {
+            "task": self.task,
+            "threshold": self.drift_threshold,
+            "versions": {
+                v: w.report() if w else {"score": None, "why": "the model card holds no reference statistics"}
+                for v, w in self.windows.items()
+            },
+        }
+
+
+def api(task: str, max_body_bytes: int) -> FastAPI:
+    """The task's FastAPI app: OpenAPI at /<task>/docs; bodies over the limit get 413."""
+    app = FastAPI(
+        title=f"deepfleet {task}",
+        description=f"Predictions of the {task} model in production (and its canary).",
+    )
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        # FastAPI's default echoes each bad input back (a whole base64 image); say where and what
+        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()]
+        first = errors[0] if errors else {"loc": [], "msg": "invalid request"}
+        where = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
+        return JSONResponse({"detail": f"{where}: {first['msg']}", "errors": errors}, status_code=422)
+
+    @app.middleware("http")
+    async def limit_body(request: Request, call_next):
+        size = request.headers.get("content-length")
+        if size is None and request.method == "POST":
+            size = len(await request.body())
+        if size is not None and int(size) > max_body_bytes:
+            return JSONResponse(
+                {"detail": f"request body of {int(size)} bytes is over the limit of {max_body_bytes}"},
+                status_code=413,
+            )
+        return await call_next(request)
+
+    return app
+
+
+def ingress(task: str, max_body_bytes: int):
+    """The task's ingress deployment class: `Ingress` with typed routes for its bodies."""
+    app = api(task, max_body_bytes)
+    request_type, response_type = SCHEMAS[task]
+
+    class TaskIngress(Ingress):
+        @app.post("/predict", response_model=response_type, summary=f"{task} prediction")
+        async def predict(self, body: request_type, response: Response):  # type: ignore[valid-type]
+            return await self.route(body, response)
+
+        @app.get("/health", summary="Every served version predicts its example request")
+        async def health(self):
+            return await self.health_report()
+
+        @app.get("/drift", summary="Population stability index of live traffic, per version")
+        def drift(self):
+            return self.drift_report()
+
+    TaskIngress.__name__ = f"{task.capitalize()}Ingress"  # (__qualname__ ties the routes to the class)
+    return serve.ingress(app)(TaskIngress)
