@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 import platform
+import shutil
 from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
@@ -16,8 +18,12 @@ from safetensors.torch import load_file, save_file
 
 import models
 from jobs.config import RecipeBase
+from jobs.errors import UserError
 
 WEIGHTS, CARD = "model.safetensors", "model_card.json"
+# The drift reference (jobs.drift): features of at most this many validation rows, spread over the
+# whole split; a task whose rows are expensive on a CPU lowers it with its own REFERENCE_ROWS.
+REFERENCE_SPLIT, REFERENCE_ROWS = "val", 2048
 LIBRARIES = ("torch", "torchvision", "deepspeed", "ray", "transformers", "pyarrow", "safetensors")
 
 
@@ -63,6 +69,22 @@ def export(
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     save_file(tensors, str(out_dir / WEIGHTS), metadata={"task": recipe.task, "format": "pt"})
+    # files serving needs besides the weights (recsys: the track catalogue); the registry copies
+    # every file of this folder
+    for path in map(Path, getattr(task, "export_files", lambda _: [])(recipe)):
+        if not path.is_file():
+            raise UserError(
+                f"{path} is missing: the exported {recipe.task} model needs it (prepare the data again)"
+            )
+        shutil.copyfile(path, out_dir / path.name)
+    reference = reference_for(
+        model,
+        recipe.task,
+        recipe.data.root,
+        task.input_spec(recipe),
+        getattr(task, "REFERENCE_ROWS", REFERENCE_ROWS),
+        batch_size=recipe.train.batch_size,
+    )
     card = {
         "task": recipe.task,
         "model": {
@@ -81,11 +103,76 @@ def export(
         "config_hash": recipe.config_hash(),
         "config": recipe.model_dump(mode="json"),
         "lineage": lineage or {},
+        # None when the data has no validation split: serving then reports drift as unavailable
+        "reference": reference,
         "libraries": library_versions(),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
     (out_dir / CARD).write_text(json.dumps(card, indent=2))
     return out_dir
+
+
+@torch.no_grad()
+def reference_for(
+    model: torch.nn.Module,
+    task_name: str,
+    data_root: str | Path,
+    input_spec: dict,
+    max_rows: int = REFERENCE_ROWS,
+    *,
+    batch_size: int = 32,
+    split: str = REFERENCE_SPLIT,
+) -> dict | None:
+    """The card's drift reference: {"split", "rows", "features": jobs.drift.reference(...)} of the
+    task's drift_features over at most `max_rows` rows of a split, or None when the data has no
+    such split. The model (fp32, on the CPU) runs in eval mode; its mode is restored afterwards."""
+    import numpy as np
+
+    from data_loaders.errors import DataError
+    from data_loaders.shards import load_manifest
+    from jobs import drift, tasks
+
+    task = tasks.get(task_name)
+    try:
+        total = load_manifest(str(data_root))["splits"][split]["rows"]
+    except (DataError, KeyError):
+        return None
+    # every stride-th row: a split stored in time order (recsys: by day) is covered end to end,
+    # not only its first hours
+    stride = max(1, math.ceil(total / max_rows))
+    cpu, seen, rows = torch.device("cpu"), 0, 0
+    columns: dict[str, list[np.ndarray]] = {}
+    pending: list[tuple[torch.Tensor, ...]] = []  # kept rows, run through the model a full batch at a time
+
+    def run() -> None:
+        x = tuple(torch.cat(parts) for parts in zip(*pending, strict=True))
+        pending.clear()
+        for name, v in task.drift_features(x, model(*x)).items():
+            columns.setdefault(name, []).append(v)
+
+    training = model.training
+    model.eval()
+    try:
+        for batch in task.iter_split(data_root, split, batch_size, **input_spec):
+            x = task.inputs(batch, cpu, torch.float32)
+            n = len(x[0])
+            keep = torch.arange(-seen % stride, n, stride)[: max_rows - rows]
+            seen += n
+            if len(keep):
+                pending.append(tuple(t[keep] for t in x))
+                rows += len(keep)
+            if sum(len(p[0]) for p in pending) >= batch_size:
+                run()
+            if rows >= max_rows:
+                break
+        if pending:
+            run()
+    finally:
+        model.train(training)
+    if not rows:
+        return None
+    features = drift.reference({name: np.concatenate(parts) for name, parts in columns.items()})
+    return {"split": split, "rows": rows, "features": features}
 
 
 def load_exported(model_dir: str | Path) -> tuple[torch.nn.Module, dict]:

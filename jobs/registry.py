@@ -2,8 +2,9 @@
 
 The uri is a local folder or any pyarrow filesystem URI (s3://, gs://, hdfs://), so a cluster's
 serving nodes read what its training nodes registered. A version is written once
-(`model.safetensors`, `model_card.json` with the test metrics and lineage); only `stage.json`
-changes afterwards (candidate -> production -> archived, with the history of each move).
+(`model.safetensors`, `model_card.json` with the test metrics and lineage, and every other file
+the export wrote, such as recsys's `tracks.parquet`); only `stage.json` changes afterwards
+(candidate -> production -> archived, with the history of each move).
 """
 
 from __future__ import annotations
@@ -124,7 +125,9 @@ class Registry:
     def fetch(
         self, task: str, version: str | None = None, stage: str = "production", cache: Path | None = None
     ) -> Path:
-        """A local folder holding the model (the registry's own folder when it is local)."""
+        """A local folder holding the model, every file of its version (the registry's own folder
+        when it is local). A cached copy is topped up with what it lacks: a fetch cut short, or
+        made before the version's files were all fetched, is completed, not trusted."""
         from pyarrow import fs
 
         entry = self.resolve(task, version, stage)
@@ -132,11 +135,24 @@ class Registry:
         if isinstance(self.fs, fs.LocalFileSystem):
             return Path(src)
         dest = Path(cache or Path.home() / ".cache" / "deepfleet" / "registry") / task / entry["version"]
-        if not (dest / WEIGHTS).is_file():
-            dest.mkdir(parents=True, exist_ok=True)
+        infos = self.fs.get_file_info(fs.FileSelector(src, recursive=True))
+        for info in infos:
+            rel = info.path[len(src.rstrip("/")) + 1 :]
+            local = dest / rel
+            # a version is written once; stage.json changes, and the entry above has read it
+            if info.type != fs.FileType.File or rel == STAGE:
+                continue
+            if local.is_file() and local.stat().st_size == info.size:
+                continue
+            local.parent.mkdir(parents=True, exist_ok=True)
+            partial = local.with_name(local.name + ".part")  # never a half-copied file under its name
             fs.copy_files(
-                src, str(dest), source_filesystem=self.fs, destination_filesystem=fs.LocalFileSystem()
+                info.path,
+                str(partial),
+                source_filesystem=self.fs,
+                destination_filesystem=fs.LocalFileSystem(),
             )
+            partial.replace(local)
         return dest
 
     # ------------------------------------------------------------------ writing
@@ -158,12 +174,22 @@ class Registry:
         version = f"v{max(numbers, default=0) + 1}"
         dest = self._path(task, version)
         self.fs.create_dir(dest, recursive=True)
-        fs.copy_files(
-            str(Path(model_dir) / WEIGHTS),
-            self._path(task, version, WEIGHTS),
-            source_filesystem=fs.LocalFileSystem(),
-            destination_filesystem=self.fs,
-        )
+        # every file of the export (weights, and what the task carries: recsys's track catalogue);
+        # the card is written below with the test metrics, the stage is the registry's own
+        if not (Path(model_dir) / WEIGHTS).is_file():
+            raise UserError(f"no exported model at {model_dir} ({WEIGHTS} missing)")
+        for path in sorted(Path(model_dir).rglob("*")):
+            rel = path.relative_to(model_dir).as_posix()
+            if not path.is_file() or rel in (CARD, STAGE):
+                continue
+            if "/" in rel:
+                self.fs.create_dir(self._path(task, version, *rel.split("/")[:-1]), recursive=True)
+            fs.copy_files(
+                str(path),
+                self._path(task, version, *rel.split("/")),
+                source_filesystem=fs.LocalFileSystem(),
+                destination_filesystem=self.fs,
+            )
         card.update(test_metrics=test_metrics, lineage=lineage, registered=_now())
         self._write_json(self._path(task, version, CARD), card)
         self._write_json(

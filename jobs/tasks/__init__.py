@@ -3,6 +3,8 @@
 A task module provides:
   METRICS                                names of the headline validation metrics (summary.json)
   LOWER_IS_BETTER                        those of them where lower is better (optional; val_loss always)
+  REFERENCE_ROWS                         validation rows of the drift reference (optional; default
+                                         jobs.export.REFERENCE_ROWS)
   prepare(recipe) -> manifest            generate or import the data into Parquet shards
   datasets(recipe, manifest) -> dict     Ray Datasets "train" and "val", decoded and augmented
   model_kwargs(recipe) -> dict           registry keyword arguments of the recipe's model (the
@@ -18,6 +20,12 @@ A task module provides:
   sample_ids(batch) -> list[str]         stable ids of the rows (tracing, rank-sharded validation:
                                          rows with one id are scored on one rank)
   iter_split(root, split, batch_size, **input_spec)  numpy batches without Ray (offline evaluation)
+  drift_features(inputs, output) -> dict per-row float64 numpy features of the model's inputs (as
+                                         inputs() makes them) and of its output: export keeps their
+                                         validation-split reference in the card, serving watches
+                                         them for drift (jobs.drift); cheap, every batch pays it
+  export_files(recipe) -> list[Path]     files an exported model carries next to its weights
+                                         (optional; recsys: the track catalogue)
   plot(metric, example, out_dir)         evaluation plots from the metric's state and one
                                          (batch, output) example; returns the paths
 """

@@ -21,6 +21,9 @@ from jobs.tasks import save_figure
 
 METRICS = ("box_map50", "lane_error", "depth_absrel", "depth_delta1")
 LOWER_IS_BETTER = ("lane_error", "depth_absrel")
+# Rigs of the drift reference export computes on the CPU (8 camera images each; a full model's
+# 2048 rigs would take many minutes there); see jobs.export.reference_for.
+REFERENCE_ROWS = 128
 
 
 def prepare(recipe: AutonomousRecipe) -> dict:
@@ -285,6 +288,23 @@ def baseline(recipe: AutonomousRecipe, manifest: dict) -> dict:
         "depth_absrel": absrel / max(pixels, 1),
         "depth_delta1": delta1 / max(pixels, 1),
     }
+
+
+def drift_features(inputs: tuple[torch.Tensor, ...], output: dict) -> dict[str, np.ndarray]:
+    """Per rig (float64): brightness and contrast of its normalised camera images (night, rain,
+    a new camera), its mean predicted depth, its detections (queries whose most likely real class
+    scores >= 0.5, as in PerceptionMetrics and the plot) and the mean lane existence probability
+    (a new road mix). Cheap: serving computes them on every batch."""
+    x = inputs[0].detach().double()  # [B, cams, 3, H, W], normalised
+    scores = output["logits"].detach().double().softmax(-1)[..., :-1].amax(-1)  # [B, cams, Q]
+    out = {
+        "image_mean": x.mean(dim=(1, 2, 3, 4)),
+        "image_std": x.flatten(1).std(dim=1),
+        "depth_mean": output["depth"].detach().double().mean(dim=(1, 2, 3)),
+        "detections": (scores >= 0.5).flatten(1).sum(1).double(),
+        "lane_prob": torch.sigmoid(output["lane_logits"].detach().double()).mean(dim=(1, 2)),
+    }
+    return {k: v.cpu().numpy() for k, v in out.items()}
 
 
 def iter_split(

@@ -116,6 +116,12 @@ def input_spec(recipe: RecsysRecipe) -> dict:
     }
 
 
+def export_files(recipe: RecsysRecipe) -> list[Path]:
+    """The track catalogue travels with an exported model: serving maps track ids to catalogue
+    indices and reads candidate features and audio from it (data.load_catalogue(model_dir))."""
+    return [Path(recipe.data.root) / _meta(recipe)["tracks_file"]]
+
+
 def _tensor(x, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     # Arrow-backed batches are read-only; torch wants writable memory (a copy only when needed)
     return torch.as_tensor(np.require(x, requirements="W"), device=device, dtype=dtype)
@@ -306,6 +312,34 @@ def baseline(recipe: RecsysRecipe, manifest: dict) -> dict[str, dict]:
     if recipe.baselines.mf and recipe.model.name != "mf":
         out["mf"] = train_mf(recipe, manifest)
     return out
+
+
+def drift_features(inputs: tuple[torch.Tensor, ...], output: torch.Tensor) -> dict[str, np.ndarray]:
+    """Per row (float64): the predicted play probability; the history's length and share of
+    skipped events (skip_2); the candidate's popularity estimate (z-scored catalogue feature:
+    a shift towards the long tail or the charts); the context type (index into CONTEXT_TYPES,
+    -1 for none: a new mix of playlists, radio, ...) and premium (a new mix of users). Not the
+    hour or weekday: a serving window covers minutes, so they move with the clock, not with
+    drift. Column positions come from the data loader's feature-name tuples, the order
+    decode_batch writes. Cheap: serving computes them on every batch."""
+    _, history_features, history_mask, _, candidate_features, _, context = inputs
+    mask = history_mask.detach().double()  # [B, H]
+    length = mask.sum(1)
+    skips = history_features.detach()[..., data.EVENT_FEATURES.index("skip_2")].double()
+    ctx = context.detach().double()
+    first = data.CONTEXT_FEATURES.index(f"context_type_{data.CONTEXT_TYPES[0]}")
+    types = ctx[:, first : first + len(data.CONTEXT_TYPES)]
+    out = {
+        "play_prob": torch.sigmoid(output.detach().double()),
+        "history_length": length,
+        "history_skip_rate": (skips * mask).sum(1) / length.clamp(min=1),
+        "candidate_popularity": candidate_features.detach()[
+            :, data.TRACK_FEATURES.index("us_popularity_estimate")
+        ].double(),
+        "context_type": torch.where(types.amax(1) > 0, types.argmax(1), -1).double(),
+        "premium": ctx[:, data.CONTEXT_FEATURES.index("premium")],
+    }
+    return {k: v.cpu().numpy() for k, v in out.items()}
 
 
 def iter_split(root: str | Path, split: str, batch_size: int, **_):

@@ -138,6 +138,26 @@ def baseline(recipe: RetinopathyRecipe, manifest: dict) -> dict[str, float]:
     }
 
 
+def drift_features(inputs: tuple[torch.Tensor, ...], output) -> dict[str, np.ndarray]:
+    """Per image (float64): brightness and contrast of the normalised pixels, the colour balance
+    (a different camera or lighting moves the channel means), the predicted probability of
+    referable DR and the top grade's probability. Cheap: serving computes them on every batch."""
+    x = inputs[0].detach().double()  # [B, 3, H, W], normalised
+    logits = output[0] if isinstance(output, tuple) else output  # InceptionV3 in training mode
+    prob = logits.detach().double().softmax(-1)
+    channel = x.mean(dim=(2, 3))
+    out = {
+        "image_mean": x.mean(dim=(1, 2, 3)),
+        "image_std": x.flatten(1).std(dim=1),
+        "red_mean": channel[:, 0],
+        "green_mean": channel[:, 1],
+        "blue_mean": channel[:, 2],
+        "referable_prob": prob[:, REFERABLE:].sum(-1),
+        "confidence": prob.max(-1).values,
+    }
+    return {k: v.cpu().numpy() for k, v in out.items()}
+
+
 def iter_split(root: str | Path, split: str, batch_size: int, image_size: int):
     """Decoded batches of a split without Ray (offline evaluation)."""
     return data.iter_split_numpy(root, split, batch_size, image_size)
