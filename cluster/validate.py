@@ -211,6 +211,19 @@ def entrypoint_problem(entrypoint: str, cwd: Path = ROOT) -> str | None:
     return None
 
 
+def serve_config_problem(config: dict) -> str | None:
+    """What `deepfleet serve --config` would refuse in a RayService's Serve config (Serve itself
+    ignores unknown keys), e.g. `applications[0] (retinopathy).args.batching.max_batch_sise: ...`."""
+    from jobs.errors import UserError
+    from jobs.serve import validate
+
+    try:
+        validate(config, "")
+    except UserError as e:
+        return str(e).lstrip(":. ")
+    return None
+
+
 def manifest_problems(doc: dict) -> list[tuple[str, str]]:
     api, kind = doc.get("apiVersion"), doc.get("kind")
     out = []
@@ -248,6 +261,8 @@ def manifest_problems(doc: dict) -> list[tuple[str, str]]:
         serve = _get(spec, "serveConfigV2")
         if not isinstance(serve, str) or not isinstance(yaml.safe_load(serve), dict):
             out.append(("spec.serveConfigV2", "required: Ray Serve's config as a YAML string"))
+        elif problem := serve_config_problem(yaml.safe_load(serve)):
+            out.append(("spec.serveConfigV2", problem))
     schema = crd_schema(kind, api)
     if schema is not None:
         named = {f for f, _ in out}

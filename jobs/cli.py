@@ -342,6 +342,8 @@ def serve(
     deploy.check_models(cfg)
     embedded = not (address or os.environ.get("RAY_ADDRESS"))
     connect(address)
+    if warning := deploy.gpu_warning(cfg):
+        err.print(warning)
     out.print(f"deploying {', '.join(a['name'] for a in cfg['applications'])} ...")
     details = deploy.deploy(cfg, deploy.dashboard_url(), progress=out.print)
     for name, url in deploy.urls(details).items():  # plain lines: URLs must not be cut to fit a table

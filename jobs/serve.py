@@ -153,6 +153,20 @@ def check_models(config: dict) -> None:
                 raise UserError(f"application {app['name']}: {e}") from None
 
 
+def gpu_warning(config: dict) -> str | None:
+    """A line when applications ask for GPUs the cluster has none of (yet): their replicas wait
+    for an autoscaled GPU node, which never comes on a laptop."""
+    import ray
+
+    wanting = [a["name"] for a in config["applications"] if (a.get("args") or {}).get("model_gpus")]
+    if wanting and not ray.cluster_resources().get("GPU"):
+        return (
+            f"warning: {', '.join(wanting)} ask for GPUs and this cluster has none now: their replicas "
+            "wait for a GPU node (set args.model_gpus: 0 to serve on CPUs)"
+        )
+    return None
+
+
 def deploy(config: dict, dashboard: str, timeout_s: float = DEPLOY_TIMEOUT_S, progress=print) -> dict:
     """PUT the config (every application in it; others on the cluster are removed, as with
     `serve deploy`) and wait until each application runs. Returns Serve's details."""
@@ -198,23 +212,31 @@ def deployed_config(details: dict) -> dict:
     }
 
 
-def set_canary(dashboard: str, task: str, percent: float, progress=print) -> dict:
-    """Move the canary's share of a running application: only the ingress's user_config changes,
-    so Serve reconfigures it in place (no replica restarts, no dropped request)."""
-    if not 0 <= percent <= 100:
-        raise UserError(f"canary share must be within 0-100, got {percent}")
+def reconfigure(dashboard: str, task: str, deployment: str, user_config: dict, progress=print) -> dict:
+    """Change one deployment's user_config in a running application. The application's code
+    version (import path, args) stays, so Serve calls reconfigure() on the running replicas
+    instead of replacing them: no restart, no dropped request."""
     client = _client(dashboard)
     config = deployed_config(client.get_serve_details())
     app = next((a for a in config["applications"] if a["name"] == task), None)
     if app is None:
         running = ", ".join(a["name"] for a in config["applications"]) or "none"
         raise UserError(f"no {task} application runs on this cluster (running: {running})")
-    if not app.get("args", {}).get("canary"):
-        raise UserError(f"the {task} application serves no canary (deploy it with --canary VERSION)")
-    deployments = [d for d in app.get("deployments", []) if d.get("name") != "ingress"]
-    app["deployments"] = [*deployments, {"name": "ingress", "user_config": {"canary_percent": percent}}]
+    others = [d for d in app.get("deployments", []) if d.get("name") != deployment]
+    app["deployments"] = [*others, {"name": deployment, "user_config": user_config}]
     client.deploy_applications(config)
     return wait(client, [task], DEPLOY_TIMEOUT_S, progress)
+
+
+def set_canary(dashboard: str, task: str, percent: float, progress=print) -> dict:
+    """Move the canary's share of a running application in place (0 rolls back, 100 promotes)."""
+    if not 0 <= percent <= 100:
+        raise UserError(f"canary share must be within 0-100, got {percent}")
+    client = _client(dashboard)
+    app = client.get_serve_details().get("applications", {}).get(task, {})
+    if not (app.get("deployed_app_config") or {}).get("args", {}).get("canary"):
+        raise UserError(f"the {task} application serves no canary (deploy it with --canary {task}=VERSION)")
+    return reconfigure(dashboard, task, "ingress", {"canary_percent": percent}, progress)
 
 
 def urls(details: dict, host: str | None = None) -> dict[str, str]:

@@ -109,7 +109,7 @@ def build(args: ServeArgs) -> Application:
     )
     models = {
         e["version"]: model.options(name=f"model-{e['version']}").bind(
-            args.task, args.registry, e["version"], args.model_cpus
+            args.task, args.registry, e["version"], args.model_cpus, args.model_gpus
         )
         for e in entries
     }

@@ -38,13 +38,13 @@ def _png(rgb: np.ndarray) -> str:
     return base64.b64encode(buf.getvalue()).decode()
 
 
-def rows_of(x, start: int, stop: int):
-    """Rows start:stop of a model output (a tensor, or a dict/tuple of them)."""
+def tree_map(fn, x):
+    """fn applied to every tensor of a model output (a tensor, or a dict/tuple of them)."""
     if isinstance(x, dict):
-        return {k: rows_of(v, start, stop) for k, v in x.items()}
+        return {k: tree_map(fn, v) for k, v in x.items()}
     if isinstance(x, (tuple, list)):
-        return type(x)(rows_of(v, start, stop) for v in x)
-    return x[start:stop]
+        return type(x)(tree_map(fn, v) for v in x)
+    return fn(x)
 
 
 class Codec:

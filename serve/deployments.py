@@ -25,21 +25,22 @@ from serve import codecs
 from serve.schemas import SCHEMAS
 
 logger = logging.getLogger("ray.serve")
-CPU = torch.device("cpu")
 
 
 class Model:
     """One registry version of a task's model behind @serve.batch."""
 
-    def __init__(self, task: str, registry: str, version: str, cpus: float = 1.0):
+    def __init__(self, task: str, registry: str, version: str, cpus: float = 1.0, gpus: float = 0):
         from jobs import tasks
         from jobs.export import load_exported
         from jobs.registry import Registry
 
         torch.set_num_threads(max(1, round(cpus)))
+        self.device = torch.device("cuda" if gpus and torch.cuda.is_available() else "cpu")
         self.version = version
         model_dir = Registry(registry).fetch(task, version)
         self.model, self.card = load_exported(model_dir)
+        self.model.to(self.device)
         self.task = tasks.get(task)
         self.codec = codecs.get(task, self.card, model_dir)
         self.request_type = SCHEMAS[task][0]
@@ -61,11 +62,12 @@ class Model:
         sizes = np.cumsum([0] + [len(next(iter(r.values()))) for r in rows])
         batch = {k: np.concatenate([r[k] for r in rows]) for k in rows[0]}
         with torch.inference_mode():
-            inputs = self.task.inputs(batch, CPU, torch.float32)
+            inputs = self.task.inputs(batch, self.device, torch.float32)
             output = self.model(*inputs)
             features = self.task.drift_features(inputs, output)
+            output = codecs.tree_map(lambda t: t.float().cpu(), output)
         return [
-            (codecs.rows_of(output, a, b), {k: v[a:b].tolist() for k, v in features.items()})
+            (codecs.tree_map(lambda t: t[a:b], output), {k: v[a:b].tolist() for k, v in features.items()})  # noqa: B023
             for a, b in zip(sizes[:-1], sizes[1:], strict=True)
         ]
 

@@ -39,7 +39,7 @@ def test_every_cluster_file_validates(path):
 def test_every_definition_is_covered():
     names = {str(p.relative_to(CLUSTER)) for p in FILES}
     assert {"aws.yaml", "gcp.yaml", "Dockerfile", "kuberay/raycluster.yaml"} <= names
-    assert {"kuberay/rayjob-train.yaml", "kuberay/rayjob-tune.yaml"} <= names
+    assert {"kuberay/rayjob-train.yaml", "kuberay/rayjob-tune.yaml", "kuberay/rayservice.yaml"} <= names
 
 
 @pytest.mark.timeout(30)
@@ -76,6 +76,23 @@ def test_rayjobs_run_deepfleet_on_the_raycluster_spec_and_shut_it_down():
         assert job["spec"]["shutdownAfterJobFinishes"] is True
         assert job["spec"]["rayClusterSpec"] == cluster["spec"], f"{name} drifted from raycluster.yaml"
         assert shlex.split(job["spec"]["entrypoint"])[:3] == ["python", "-m", f"jobs.{name.split('-')[1]}"]
+
+
+@pytest.mark.timeout(60)
+def test_rayservice_serves_the_shipped_serve_config_on_the_serving_nodes():
+    cluster = _load(CLUSTER / "kuberay" / "raycluster.yaml")["spec"]
+    service = _load(CLUSTER / "kuberay" / "rayservice.yaml")
+    shipped = yaml.safe_load((ROOT / "configs" / "serve" / "deepfleet.yaml").read_text())
+    assert yaml.safe_load(service["spec"]["serveConfigV2"]) == shipped, "rayservice.yaml drifted from the file"
+    spec = service["spec"]["rayClusterConfig"]
+    # raycluster.yaml's head, plus Serve's HTTP port; its serving group only
+    head, theirs = spec["headGroupSpec"], cluster["headGroupSpec"]
+    ports = head["template"]["spec"]["containers"][0].pop("ports")
+    theirs["template"]["spec"]["containers"][0].pop("ports")
+    assert head == theirs and {"containerPort": 8000, "name": "serve"} in ports
+    serving = [g for g in cluster["workerGroupSpecs"] if g["groupName"] == "gpu-serve"]
+    assert spec["workerGroupSpecs"] == serving
+    assert spec["rayVersion"] == version("ray") and spec["authOptions"] == {"mode": "token"}
 
 
 @pytest.mark.timeout(120)
@@ -117,6 +134,11 @@ BROKEN = {
         "accessModes: [ReadWriteMany]",
         "accesModes: [ReadWriteMany]",
         "spec.accessModes: required",
+    ),
+    "kuberay/rayservice.yaml": (
+        "      batching: {max_batch_size: 16,",
+        "      batching: {max_batch_sise: 16,",
+        "spec.serveConfigV2: applications[0] (retinopathy).args.batching.max_batch_sise",
     ),
     "Dockerfile": ("FROM rayproject/ray:", "FROM python:3.11 AS x\n# ", "FROM: python:3.11"),
 }

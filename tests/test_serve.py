@@ -1,0 +1,357 @@
+"""Serving: tiny training runs of the three tasks are registered, `deepfleet serve` deploys the
+shipped Serve config on the session cluster, and real HTTP clients check answers, bad input,
+canary traffic, drift and batching."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import requests
+import torch
+import yaml
+from PIL import Image
+
+from tests.conftest import CONFIGS, ROOT
+from tests.test_cli import deepfleet, one_line_error
+
+SERVE_CONFIG = CONFIGS / "serve" / "deepfleet.yaml"
+
+
+def _train(task: str, out: Path, *sets: str) -> Path:
+    """A tiny run of a few steps on one worker: enough for an exported model with a card."""
+    from jobs.config import load_recipe
+    from jobs.train import train
+
+    sets = (f"run.output_dir={out}", "scaling.num_workers=1", *sets)
+    summary = train(load_recipe(CONFIGS / f"{task}.yaml", "tiny", list(sets)))
+    return Path(summary["paths"]["model"])
+
+
+@pytest.fixture(scope="module")
+def registry(ray_local, tiny_data, tmp_path_factory) -> dict:
+    """Each task trained briefly, exported, registered and promoted; retinopathy gets a second
+    version (v2) to serve as the canary."""
+    from jobs.registry import Registry
+
+    tmp = tmp_path_factory.mktemp("serve")
+    data = tmp / "data"
+    models = {
+        "retinopathy": _train("retinopathy", tmp, f"data.root={tiny_data}", "train.max_steps=8"),
+        "autonomous": _train(
+            "autonomous", tmp, f"data.root={data / 'autonomous'}", "data.num_samples=80", "train.max_steps=4"
+        ),
+        "recsys": _train(
+            "recsys",
+            tmp,
+            f"data.root={data / 'recsys'}",
+            "data.num_tracks=300",
+            "data.num_users=60",
+            "data.num_sessions=300",
+            "baselines.mf=false",
+            "train.max_steps=6",
+        ),  # fmt: skip
+    }
+    reg = Registry(tmp / "registry")
+    for task, model_dir in models.items():
+        entry = reg.register(model_dir, test_metrics={}, lineage={"run": str(model_dir.parent)})
+        reg.set_stage(task, entry["version"], "production", "test")
+    reg.register(models["retinopathy"], test_metrics={}, lineage={"run": "canary"})  # v2
+    return {
+        "uri": str(tmp / "registry"),
+        "models": models,
+        "data": {"retinopathy": tiny_data, "autonomous": data / "autonomous", "recsys": data / "recsys"},
+        "tmp": tmp,
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def served(registry, ray_local) -> dict:
+    """`deepfleet serve --config configs/serve/deepfleet.yaml --registry ... --address <session
+    cluster>` with the file's resources scaled to 2 cores and a retinopathy canary at 10%."""
+    from ray import serve
+
+    config = yaml.safe_load(SERVE_CONFIG.read_text())
+    config["http_options"] = {"host": "127.0.0.1", "port": _free_port()}
+    for app in config["applications"]:
+        # one replica per version (throughput ratios must not measure autoscaling), small CPU shares
+        app["args"] |= {
+            "model_cpus": 0.5,
+            "model_gpus": 0,
+            "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+        }
+    retinopathy = config["applications"][0]["args"]
+    retinopathy |= {"canary": "v2", "canary_percent": 10, "drift": {"threshold": 0.2, "window": 200}}
+    path = registry["tmp"] / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    address = ray_local.get_runtime_context().gcs_address
+    tic = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-m", "jobs.cli", "serve", "--config", str(path), "--registry", registry["uri"]],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "RAY_ADDRESS": address},
+    )
+    print(f"deepfleet serve: {time.perf_counter() - tic:.0f} s\n{proc.stdout}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    base = f"http://127.0.0.1:{config['http_options']['port']}"
+    yield {"base": base, "stdout": proc.stdout, "config": config, **registry}
+    serve.shutdown()  # later tests need the CPUs back
+
+
+def _b64(png: bytes) -> str:
+    return base64.b64encode(png).decode()
+
+
+def _test_images(root: Path, n: int) -> list[bytes]:
+    path = sorted((Path(root) / "test").glob("*.parquet"))[0]
+    return [r["image"] for r in pq.read_table(path, columns=["image"]).slice(0, n).to_pylist()]
+
+
+def _post(served, task: str, body, **kw) -> requests.Response:
+    return requests.post(f"{served['base']}/{task}/predict", json=body, timeout=60, **kw)
+
+
+@pytest.mark.timeout(1500)  # the first test pays for three tiny fits and the deployment
+def test_deepfleet_serve_answers_all_three_tasks(served):
+    from data_loaders.retinopathy import preprocess_image
+    from jobs.export import load_exported
+
+    for task in ("retinopathy", "autonomous", "recsys"):
+        assert f"POST {served['base']}/{task}/predict" in served["stdout"]
+        health = requests.get(f"{served['base']}/{task}/health", timeout=60)
+        assert health.status_code == 200 and health.json()["status"] == "ok", health.text
+        assert requests.get(f"{served['base']}/{task}/docs", timeout=30).status_code == 200
+    assert set(requests.get(f"{served['base']}/retinopathy/health").json()["versions"]) == {"v1", "v2"}
+
+    # retinopathy: the served answer is the exported model's offline prediction for the same image
+    model, card = load_exported(served["models"]["retinopathy"])
+    for png in _test_images(served["data"]["retinopathy"], 4):
+        r = _post(served, "retinopathy", {"image": _b64(png)})
+        assert r.status_code == 200, r.text
+        answer = r.json()
+        assert answer["version"] == r.headers["x-model-version"] in ("v1", "v2")
+        with torch.no_grad():
+            x = torch.as_tensor(preprocess_image(png, card["input"]["image_size"]))[None]
+            p = torch.softmax(model(x), -1)[0].numpy()
+        np.testing.assert_allclose(answer["probabilities"], p, atol=1e-5)
+        assert answer["grade"] == int(p.argmax()) and answer["referable"] == (p[2:].sum() >= 0.5)
+
+    # autonomous: eight cameras of objects and lanes, depth every 8 px equal to the offline model's
+    from data_loaders.autonomous import NUM_CAMERAS, preprocess_images
+
+    model, card = load_exported(served["models"]["autonomous"])
+    path = sorted((served["data"]["autonomous"] / "test").glob("*.parquet"))[0]
+    rig = pq.read_table(path, columns=["images"]).slice(0, 1).to_pylist()[0]["images"]
+    r = _post(served, "autonomous", {"images": [_b64(png) for png in rig], "score_threshold": 0.0})
+    assert r.status_code == 200, r.text
+    answer = r.json()
+    h, w = card["input"]["image_size"]
+    assert [c["camera"] for c in answer["cameras"]] == list(range(NUM_CAMERAS))
+    for camera in answer["cameras"]:  # a threshold of 0 returns every query, best first
+        scores = [o["score"] for o in camera["objects"]]
+        assert scores and scores == sorted(scores, reverse=True)
+        assert all(
+            len(o["box"]) == 4 and o["label"] in ("car", "truck", "pedestrian") for o in camera["objects"]
+        )
+    rgbs = [np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for png in rig]
+    with torch.no_grad():
+        depth = model(torch.as_tensor(preprocess_images(rgbs, (h, w)))[None])["depth"][0]
+    offline = torch.nn.functional.avg_pool2d(depth[:, None], 8, 8)[:, 0].numpy()
+    np.testing.assert_allclose(answer["depth"]["metres"], offline, atol=0.006)
+    assert np.asarray(answer["depth"]["metres"]).shape == (NUM_CAMERAS, h // 8, w // 8)
+
+    # recsys: the candidates come back ranked by play probability, cold tracks flagged
+    from data_loaders.recsys import load_catalogue
+
+    cat = load_catalogue(str(served["models"]["recsys"]))
+    ids = [str(t) for t in cat.track_id[1:]]
+    cold = [t for t, c in zip(ids, cat.is_cold[1:], strict=True) if c]
+    candidates = ids[5:20] + cold[:3]
+    body = {
+        "history": [{"track_id": t, "skip_2": i % 2 == 1} for i, t in enumerate(ids[:6])],
+        "candidates": candidates,
+    }
+    r = _post(served, "recsys", body)
+    assert r.status_code == 200, r.text
+    ranked = r.json()["ranked"]
+    assert sorted(t["track_id"] for t in ranked) == sorted(candidates)
+    probs = [t["play_probability"] for t in ranked]
+    assert probs == sorted(probs, reverse=True) and all(0 < p < 1 for p in probs)
+    assert [t["rank"] for t in ranked] == list(range(1, len(candidates) + 1))
+    assert {t["track_id"] for t in ranked if t["cold"]} == set(cold[:3])
+
+
+@pytest.mark.timeout(300)
+def test_bad_input_gets_4xx_with_a_message_never_5xx(served):
+    png = _test_images(served["data"]["retinopathy"], 1)[0]
+    url = served["base"]
+    big = served["config"]["applications"][0]["args"]["max_body_bytes"]
+    cases = {
+        "malformed JSON": (
+            "retinopathy",
+            {"data": "{not json", "headers": {"content-type": "application/json"}},
+        ),
+        "missing field": ("retinopathy", {"json": {}}),
+        "misspelt field": ("retinopathy", {"json": {"img": _b64(png)}}),
+        "wrong type": ("retinopathy", {"json": {"image": 42}}),
+        "not base64": ("retinopathy", {"json": {"image": "%%% not base64 %%%"}}),
+        "image that does not decode": ("retinopathy", {"json": {"image": _b64(b"GIF89a but not really")}}),
+        "wrong number of cameras": ("autonomous", {"json": {"images": [_b64(png)] * 7}}),
+        "camera image of the wrong size": ("autonomous", {"json": {"images": [_b64(png)] * 8}}),
+        "unknown track id": ("recsys", {"json": {"history": [], "candidates": ["no-such-track"]}}),
+        "unknown context type": (
+            "recsys",
+            {"json": {"history": [], "context": {"context_type": "tv"}, "candidates": ["x"]}},
+        ),
+        "body over the size limit": ("retinopathy", {"json": {"image": "A" * (big + 1)}}),
+    }
+    for name, (task, kw) in cases.items():
+        r = requests.post(f"{url}/{task}/predict", timeout=60, **kw)
+        assert 400 <= r.status_code < 500, (name, r.status_code, r.text[:300])
+        detail = r.json()["detail"]
+        assert isinstance(detail, str) and detail, (name, r.text[:300])
+        print(f"{name}: {r.status_code} {detail[:120]}")
+    r = requests.post(f"{url}/recsys/predict", json={"history": [], "candidates": ["nope", "nada"]})
+    assert "nope" in r.json()["detail"]
+    assert "8" in requests.post(f"{url}/autonomous/predict", json={"images": ["x"] * 3}).json()["detail"]
+
+
+def _share(result: dict, version: str) -> float:
+    ok = sum(v for k, v in result["versions"].items() if k != "None")
+    return 100 * result["versions"].get(version, 0) / ok
+
+
+@pytest.mark.timeout(600)
+def test_canary_weights_hold_and_move_without_dropping_requests(served):
+    from jobs.serve import dashboard_url, set_canary
+    from serve import load
+
+    url = f"{served['base']}/retinopathy/predict"
+    bodies = [{"image": _b64(png)} for png in _test_images(served["data"]["retinopathy"], 8)]
+    first = load.run(url, bodies, concurrency=8, total=1000)
+    assert first["errors"] == 0 and first["requests"] == 1000, first["statuses"]
+    assert abs(_share(first, "v2") - 10) <= 5, first["versions"]
+
+    # move to 50/50 while 8 clients keep sending: no request fails, the new share takes over
+    moved: dict = {}
+    clients = threading.Thread(
+        target=lambda: moved.update(load.run(url, bodies, concurrency=8, duration_s=25))
+    )
+    clients.start()
+    time.sleep(3)
+    tic = time.perf_counter()
+    set_canary(dashboard_url(), "retinopathy", 50, progress=lambda _: None)
+    took = time.perf_counter() - tic
+    clients.join()
+    assert moved["errors"] == 0, moved["statuses"]
+    after = [v for t, _, v in moved["timeline"] if t > 3 + took + 2]
+    share = 100 * after.count("v2") / len(after)
+    print(f"moved in {took:.1f} s; v2 share afterwards {share:.1f}% of {len(after)}")
+    assert len(after) >= 100 and abs(share - 50) <= 10
+
+    # roll back: every request goes to v1 again
+    set_canary(dashboard_url(), "retinopathy", 0, progress=lambda _: None)
+    back = load.run(url, bodies, concurrency=4, total=100)
+    assert back["versions"] == {"v1": 100}
+    health = requests.get(f"{served['base']}/retinopathy/health").json()
+    assert health["versions"]["v2"]["traffic_percent"] == 0
+
+
+@pytest.mark.timeout(600)
+def test_drift_score_rises_for_shifted_inputs_only(served):
+    from jobs.serve import dashboard_url, set_canary
+    from serve import load
+
+    set_canary(dashboard_url(), "retinopathy", 0, progress=lambda _: None)  # one window: v1's
+    url = f"{served['base']}/retinopathy/predict"
+    pngs = _test_images(served["data"]["retinopathy"], 64)
+    like_training = [{"image": _b64(png)} for png in pngs]
+
+    def shifted(png: bytes) -> dict:  # a darker, bluer camera: another clinic's fundus photos
+        rgb = np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(np.float32)
+        rgb = np.clip(rgb * [0.55, 0.7, 1.6] + [0, 0, 25], 0, 255).astype(np.uint8)
+        buf = io.BytesIO()
+        Image.fromarray(rgb).save(buf, format="PNG")
+        return {"image": _b64(buf.getvalue())}
+
+    def drift() -> dict:
+        return requests.get(f"{served['base']}/retinopathy/drift", timeout=30).json()["versions"]["v1"]
+
+    window = served["config"]["applications"][0]["args"]["drift"]["window"]
+    assert load.run(url, like_training, concurrency=8, total=window + 50)["errors"] == 0
+    calm = drift()
+    assert calm["rows"] == window and calm["score"] is not None and calm["score"] < 0.2, calm
+    assert load.run(url, [shifted(p) for p in pngs], concurrency=8, total=window + 50)["errors"] == 0
+    drifted = drift()
+    print(f"drift: like training {calm['score']:.3f}, shifted {drifted['score']:.3f}: {drifted['features']}")
+    assert drifted["score"] > 0.2 and drifted["drifted"], drifted
+
+
+@pytest.mark.timeout(600)
+def test_batching_raises_throughput(served):
+    """16 closed-loop clients, batch size 1 against 16 on one model replica, moved in place; the
+    README's number comes from `python -m serve.bench` (20 s each); this is a short, loose check."""
+    from jobs.serve import dashboard_url, set_canary
+    from serve.bench import batching_gain
+
+    set_canary(dashboard_url(), "retinopathy", 0, progress=lambda _: None)
+    bodies = [{"image": _b64(png)} for png in _test_images(served["data"]["retinopathy"], 16)]
+    result = batching_gain(
+        dashboard_url(),
+        f"{served['base']}/retinopathy",
+        "retinopathy",
+        "v1",
+        bodies,
+        duration_s=8,
+        warmup_s=2,
+    )
+    print(json.dumps({k: v for k, v in result.items() if k != "timeline"}, indent=1))
+    assert result["unbatched"]["errors"] == 0 and result["batched"]["errors"] == 0
+    assert result["throughput_ratio"] >= 1.2, result
+
+
+@pytest.mark.timeout(120)
+def test_serve_config_is_validated_strictly(tmp_path):
+    from jobs.errors import UserError
+    from jobs.serve import load
+
+    config = load(SERVE_CONFIG)
+    assert [a["name"] for a in config["applications"]] == ["retinopathy", "autonomous", "recsys"]
+    broken = yaml.safe_load(SERVE_CONFIG.read_text())
+    broken["applications"][0]["args"]["batching"]["max_batch_sise"] = 8
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(broken))
+    with pytest.raises(UserError, match=r"args\.batching\.max_batch_sise"):
+        load(tmp_path / "a.yaml")
+    broken = yaml.safe_load(SERVE_CONFIG.read_text())
+    broken["applications"][1]["deployments"] = [{"name": "ingress", "max_ongoing_request": 3}]
+    (tmp_path / "b.yaml").write_text(yaml.safe_dump(broken))
+    with pytest.raises(UserError, match="unknown key 'max_ongoing_request'"):
+        load(tmp_path / "b.yaml")
+
+
+@pytest.mark.timeout(120)
+def test_serve_without_a_production_model_is_one_line(tmp_path):
+    line = one_line_error(deepfleet("serve", "--registry", str(tmp_path / "empty")))
+    assert "no model in production" in line
+    line = one_line_error(deepfleet("serve", "--config", str(tmp_path / "missing.yaml")))
+    assert "no Serve config" in line
