@@ -376,6 +376,55 @@ def canary(
     out.print(f"{task}: canary answers {percent:g}% of requests")
 
 
+@app.command()
+@user_facing
+def bench(
+    task: Annotated[
+        list[str] | None, typer.Option(help="Task to measure (repeatable; default: all three).")
+    ] = None,
+    section: Annotated[
+        list[str] | None, typer.Option(help="train, ingest, serve or search (repeatable; default: all).")
+    ] = None,
+    quick: Annotated[
+        bool, typer.Option(help="Fewer repeats and shorter runs (minutes, not an hour).")
+    ] = False,
+    results: Annotated[str, typer.Option("--out", help="Where the results go.")] = "bench.json",
+    work_dir: Annotated[
+        str, typer.Option(help="Data, runs and registry the benchmarks make.")
+    ] = "runs/bench",
+):
+    """Measure deepfleet side by side: against plain PyTorch, the machine's peak, the DataLoader, a bare server."""
+    from jobs.bench import bench as run
+    from jobs.bench import rows
+
+    try:
+        result = run(task, section, quick=quick, out=results, work_dir=work_dir, progress=out_print)
+    except ValueError as e:
+        raise typer.BadParameter(str(e)) from None
+    table = Table(
+        title=f"deepfleet bench ({'quick' if quick else 'full'}) on {result['machine']['cores']} cores"
+    )
+    for col in ("section", "task", "measure", "value"):
+        table.add_column(col, justify="right" if col == "value" else "left")
+    for row in rows(result):
+        table.add_row(*row)
+    out.print(table)
+    targets = Table(title="targets")
+    for col in ("target", "task", "value", "bound", "met"):
+        targets.add_column(col)
+    for t in result["targets"]:
+        value = "not measured" if t["value"] is None else f"{t['value']:.3g}"
+        targets.add_row(
+            t["name"], t["task"] or "", value, f"{t['op']} {t['target']:g}", "yes" if t["met"] else "NO"
+        )
+    out.print(targets)
+    out.print(f"results: {Path(results).resolve()}")
+
+
+def out_print(line: str) -> None:
+    out.print(line, highlight=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     app(args=argv if argv is not None else sys.argv[1:], prog_name="deepfleet")
 
