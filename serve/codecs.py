@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from data_loaders.errors import DataError
 
@@ -30,6 +30,12 @@ def _bytes(b64: str, what: str) -> bytes:
         return base64.b64decode(b64, validate=True)
     except (binascii.Error, ValueError):
         raise BadInput(f"{what} is not valid base64") from None
+
+
+def _why(e: BaseException) -> str:
+    if isinstance(e, UnidentifiedImageError):  # PIL names its buffer object, not the problem
+        return "not an image PIL can read (PNG or JPEG)"
+    return str(e).splitlines()[0][:200]
 
 
 def _png(rgb: np.ndarray) -> str:
@@ -72,7 +78,7 @@ class Retinopathy(Codec):
         try:
             x = preprocess_image(data, self.spec["image_size"])
         except DECODE_ERRORS as e:
-            raise BadInput(f"image does not decode: {str(e).splitlines()[0][:200]}") from None
+            raise BadInput(f"image does not decode: {_why(e)}") from None
         return {"image": x[None]}
 
     def encode(self, output, rows, request) -> dict:
@@ -110,7 +116,7 @@ class Autonomous(Codec):
                     np.asarray(Image.open(io.BytesIO(_bytes(b64, f"camera {k} image"))).convert("RGB"))
                 )
             except DECODE_ERRORS as e:
-                raise BadInput(f"camera {k} image does not decode: {str(e).splitlines()[0][:200]}") from None
+                raise BadInput(f"camera {k} image does not decode: {_why(e)}") from None
         try:
             return {"images": preprocess_images(rgbs, self.spec["image_size"])[None]}
         except DataError as e:

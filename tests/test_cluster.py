@@ -83,7 +83,9 @@ def test_rayservice_serves_the_shipped_serve_config_on_the_serving_nodes():
     cluster = _load(CLUSTER / "kuberay" / "raycluster.yaml")["spec"]
     service = _load(CLUSTER / "kuberay" / "rayservice.yaml")
     shipped = yaml.safe_load((ROOT / "configs" / "serve" / "deepfleet.yaml").read_text())
-    assert yaml.safe_load(service["spec"]["serveConfigV2"]) == shipped, "rayservice.yaml drifted from the file"
+    assert yaml.safe_load(service["spec"]["serveConfigV2"]) == shipped, (
+        "rayservice.yaml drifted from the file"
+    )
     spec = service["spec"]["rayClusterConfig"]
     # raycluster.yaml's head, plus Serve's HTTP port; its serving group only
     head, theirs = spec["headGroupSpec"], cluster["headGroupSpec"]

@@ -98,7 +98,7 @@ def served(registry, ray_local) -> dict:
             "autoscaling": {"min_replicas": 1, "max_replicas": 1},
         }
     retinopathy = config["applications"][0]["args"]
-    retinopathy |= {"canary": "v2", "canary_percent": 10, "drift": {"threshold": 0.2, "window": 200}}
+    retinopathy |= {"canary": "v2", "canary_percent": 10, "drift": {"threshold": 0.2, "window": 500}}
     path = registry["tmp"] / "serve.yaml"
     path.write_text(yaml.safe_dump(config))
     address = ray_local.get_runtime_context().gcs_address
@@ -123,8 +123,9 @@ def _b64(png: bytes) -> str:
 
 
 def _test_images(root: Path, n: int) -> list[bytes]:
-    path = sorted((Path(root) / "test").glob("*.parquet"))[0]
-    return [r["image"] for r in pq.read_table(path, columns=["image"]).slice(0, n).to_pylist()]
+    """n images spread over the whole test split (a shard's first rows are not a fair sample)."""
+    images = pq.read_table(sorted((Path(root) / "test").glob("*.parquet")), columns=["image"]).column("image")
+    return [images[int(i)].as_py() for i in np.linspace(0, len(images) - 1, n).round()]
 
 
 def _post(served, task: str, body, **kw) -> requests.Response:
@@ -199,6 +200,37 @@ def test_deepfleet_serve_answers_all_three_tasks(served):
     assert probs == sorted(probs, reverse=True) and all(0 < p < 1 for p in probs)
     assert [t["rank"] for t in ranked] == list(range(1, len(candidates) + 1))
     assert {t["track_id"] for t in ranked if t["cold"]} == set(cold[:3])
+
+
+@pytest.mark.timeout(300)
+def test_the_client_examples_run_against_the_served_models(served, tmp_path):
+    from data_loaders.recsys import load_catalogue
+
+    def example(name: str, *args: str) -> str:
+        proc = subprocess.run(
+            [sys.executable, str(ROOT / "serve" / "examples" / f"{name}_client.py"), *args],
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        return proc.stdout
+
+    photo = tmp_path / "photo.png"
+    photo.write_bytes(_test_images(served["data"]["retinopathy"], 1)[0])
+    assert "grade " in example("retinopathy", str(photo), "--url", f"{served['base']}/retinopathy")
+    path = sorted((served["data"]["autonomous"] / "test").glob("*.parquet"))[0]
+    rig = pq.read_table(path, columns=["images"]).slice(0, 1).to_pylist()[0]["images"]
+    for i, png in enumerate(rig):
+        (tmp_path / f"cam{i}.png").write_bytes(png)
+    text = example("autonomous", str(tmp_path), "--url", f"{served['base']}/autonomous")
+    assert text.count("camera ") == 8
+    ids = [str(t) for t in load_catalogue(str(served["models"]["recsys"])).track_id[1:8]]
+    text = example(
+        "recsys", "--history", ",".join(ids[:3]), "--skipped", ids[1], "--candidates", ",".join(ids[3:]),
+        "--url", f"{served['base']}/recsys",
+    )  # fmt: skip
+    assert all(t in text for t in ids[3:]) and "  1. " in text
 
 
 @pytest.mark.timeout(300)
@@ -284,7 +316,8 @@ def test_drift_score_rises_for_shifted_inputs_only(served):
 
     set_canary(dashboard_url(), "retinopathy", 0, progress=lambda _: None)  # one window: v1's
     url = f"{served['base']}/retinopathy/predict"
-    pngs = _test_images(served["data"]["retinopathy"], 64)
+    window = served["config"]["applications"][0]["args"]["drift"]["window"]
+    pngs = _test_images(served["data"]["retinopathy"], window + 50)
     like_training = [{"image": _b64(png)} for png in pngs]
 
     def shifted(png: bytes) -> dict:  # a darker, bluer camera: another clinic's fundus photos
@@ -297,7 +330,6 @@ def test_drift_score_rises_for_shifted_inputs_only(served):
     def drift() -> dict:
         return requests.get(f"{served['base']}/retinopathy/drift", timeout=30).json()["versions"]["v1"]
 
-    window = served["config"]["applications"][0]["args"]["drift"]["window"]
     assert load.run(url, like_training, concurrency=8, total=window + 50)["errors"] == 0
     calm = drift()
     assert calm["rows"] == window and calm["score"] is not None and calm["score"] < 0.2, calm
@@ -305,6 +337,28 @@ def test_drift_score_rises_for_shifted_inputs_only(served):
     drifted = drift()
     print(f"drift: like training {calm['score']:.3f}, shifted {drifted['score']:.3f}: {drifted['features']}")
     assert drifted["score"] > 0.2 and drifted["drifted"], drifted
+
+
+@pytest.mark.timeout(300)
+def test_prometheus_metrics_carry_the_answering_version(served, ray_local):
+    """Request counts, latency, batch sizes and drift leave through Ray's metrics export."""
+    node = ray_local._private.worker.global_worker.node
+    url = f"http://{node.node_ip_address}:{node.metrics_export_port}/metrics"
+    wanted = ("deepfleet_requests", "deepfleet_latency_ms", "deepfleet_batch_size", "deepfleet_drift_score")
+    deadline, text = time.monotonic() + 120, ""
+    while time.monotonic() < deadline:  # Ray exports every few seconds
+        text = requests.get(url, timeout=10).text
+        if all(w in text for w in wanted) and 'version="v2"' in text:
+            break
+        time.sleep(3)
+    lines = [ln for ln in text.splitlines() if "deepfleet_" in ln and not ln.startswith("#")]
+    print("\n".join(lines[:12]))
+    for w in wanted:
+        assert any(w in ln for ln in lines), w
+    ok = [ln for ln in lines if "deepfleet_requests" in ln and 'status="ok"' in ln]
+    assert any('version="v1"' in ln and 'task="retinopathy"' in ln for ln in ok), ok
+    assert any('version="v2"' in ln for ln in ok), ok
+    assert any('status="client_error"' in ln for ln in lines)
 
 
 @pytest.mark.timeout(600)
