@@ -5,8 +5,7 @@ nothing else (no canary, drift, metrics, batching or replicas). The serving benc
     python -m jobs.bench.bare_server MODEL_DIR --port 8100 [--threads 1]
 """
 
-from __future__ import annotations
-
+# no `from __future__ import annotations`: FastAPI must see the body type itself, not its name
 import argparse
 
 
