@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -352,6 +353,8 @@ def serve(
         )
     if embedded:
         out.print("the embedded cluster serves while this command runs: Ctrl-C stops it")
+        # `kill` and container stops end it like Ctrl-C (the cluster goes down with this process)
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
         while True:
             time.sleep(3600)
 

@@ -303,7 +303,7 @@ def sweep(recipe: RecipeBase, address: str | None = None) -> dict:
         callbacks=[_printer(metric, max_t)],
         failure_config=tune.FailureConfig(max_failures=0),
     )
-    tic = time.perf_counter()
+    tic, started = time.perf_counter(), time.time()
     if tune.Tuner.can_restore(str(storage)):
         _say(f"resuming sweep {sweep_dir}: finished trials are kept")
         tuner = tune.Tuner.restore(
@@ -388,6 +388,7 @@ def sweep(recipe: RecipeBase, address: str | None = None) -> dict:
         },
         "data_fingerprint": manifest["fingerprint"],
         "wall_s": round(wall, 1),
+        "started": round(started, 3),
         "trials": trials,
         "paths": {"sweep_dir": str(sweep_dir), "tune": str(storage), "plot": str(sweep_dir / "sweep.png")},
     }
@@ -422,7 +423,9 @@ def _trial_summary(result, sweep_dir: Path, metric: str, max_t: int) -> dict:
         "config": result.config,
         "metrics": {k: v for k, v in last.items() if isinstance(v, float) and k != "time"},
         "epochs": epochs,
-        "history": [{"epoch": v["epoch"], metric: v.get(metric)} for v in validations],
+        # when each validation ended (seconds since the epoch, the worker's clock): the order
+        # epochs completed in across trials, and the wall time to a score
+        "history": [{"epoch": v["epoch"], metric: v.get(metric), "time": v.get("time")} for v in validations],
         "stopped_early": result.error is None and epochs < max_t,
         "error": str(result.error).strip().splitlines()[-1] if result.error else None,
         "run_dir": str(run_dir),
