@@ -1392,6 +1392,18 @@ def _ragged(col: Any, dtype: Any) -> tuple[np.ndarray, np.ndarray]:
     return lens, np.concatenate([np.asarray(x, dtype=dtype).reshape(-1) for x in col])
 
 
+def _candidates(cat: Catalogue, cand: np.ndarray) -> dict[str, np.ndarray]:
+    """The catalogue's side of the model inputs for candidate indices (audio only when it has it)."""
+    out = {
+        "candidate": cand,
+        "candidate_features": cat.features[cand],
+        "candidate_acoustic": cat.acoustic[cand],
+    }
+    if cat.audio is not None:
+        out["candidate_audio"] = cat.audio[cand].astype(np.float32)
+    return out
+
+
 def decode_batch(
     batch: dict[str, Any], root: str, history_len: int, event_features: int = len(EVENT_FEATURES)
 ) -> dict[str, np.ndarray]:
@@ -1424,22 +1436,17 @@ def decode_batch(
     hist[row[keep], col[keep]] = tracks[keep]
     hist_f[row[keep], col[keep]] = feats.reshape(-1, F)[keep] if F else 0
     mask[row[keep], col[keep]] = True
-    out = {
+    return {
         "query_id": np.asarray(_column(batch["query_id"])).astype(str).astype(object),
         "history_tracks": hist,
         "history_features": hist_f,
         "history_mask": mask,
-        "candidate": cand,
-        "candidate_features": cat.features[cand],
-        "candidate_acoustic": cat.acoustic[cand],
+        **_candidates(cat, cand),
         "context": ctx.reshape(B, len(ctx) // max(B, 1)),
         "label": _column(batch["label"]).astype(np.float32),
         "is_negative": _column(batch["is_negative"]).astype(bool),
         "is_cold": _column(batch["is_cold"]).astype(bool),
     }
-    if cat.audio is not None:
-        out["candidate_audio"] = cat.audio[cand].astype(np.float32)
-    return out
 
 
 def _code(value: str, names: Sequence[str], field: str) -> int:
@@ -1491,19 +1498,14 @@ def encode_query(
     mask = np.zeros((B, H), dtype=bool)
     if E:  # left padding; the most recent event sits at H - 1
         hist[:, H - E :], hist_f[:, H - E :], mask[:, H - E :] = tracks, ev, True
-    out = {
+    return {
         "history_tracks": hist,
         "history_features": hist_f,
         "history_mask": mask,
-        "candidate": cand,
-        "candidate_features": cat.features[cand],
-        "candidate_acoustic": cat.acoustic[cand],
+        **_candidates(cat, cand),
         "context": np.repeat(ctx, B, axis=0),
         "is_cold": cat.is_cold[cand],
     }
-    if cat.audio is not None:
-        out["candidate_audio"] = cat.audio[cand].astype(np.float32)
-    return out
 
 
 def _column(col: Any) -> np.ndarray:

@@ -78,7 +78,18 @@ class AutonomousResponse(Answer):
 # ------------------------------------------------------------------ recsys
 
 
-class HistoryEvent(Strict):
+class Playback(Strict):
+    """How a track started playing (MSSD logs it for every event, and it is known before the
+    next track plays too)."""
+
+    context_switch: bool = False
+    no_pause_before_play: bool = True
+    short_pause_before_play: bool = False
+    long_pause_before_play: bool = False
+    hist_user_behavior_is_shuffle: bool = False
+
+
+class HistoryEvent(Playback):
     """A past event of the session as MSSD logs it (what happened to that track)."""
 
     track_id: str
@@ -86,27 +97,17 @@ class HistoryEvent(Strict):
     skip_2: bool = False
     skip_3: bool = False
     not_skipped: bool = True
-    context_switch: bool = False
-    no_pause_before_play: bool = True
-    short_pause_before_play: bool = False
-    long_pause_before_play: bool = False
     hist_user_behavior_n_seekfwd: int = Field(0, ge=0)
     hist_user_behavior_n_seekback: int = Field(0, ge=0)
-    hist_user_behavior_is_shuffle: bool = False
     hist_user_behavior_reason_end: Reason = "trackdone"
 
 
-class ListeningContext(Strict):
+class ListeningContext(Playback):
     """What is known before the next track plays."""
 
     date: str = Field("2018-07-15", pattern=r"^\d{4}-\d{2}-\d{2}$", description="YYYY-MM-DD")
     hour_of_day: int = Field(12, ge=0, le=23)
     premium: bool = True
-    hist_user_behavior_is_shuffle: bool = False
-    context_switch: bool = False
-    no_pause_before_play: bool = True
-    short_pause_before_play: bool = False
-    long_pause_before_play: bool = False
     context_type: ContextType = "user_collection"
     hist_user_behavior_reason_start: Reason = "trackdone"
     session_position: int = Field(2, ge=1)

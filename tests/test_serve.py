@@ -409,3 +409,22 @@ def test_serve_without_a_production_model_is_one_line(tmp_path):
     assert "no model in production" in line
     line = one_line_error(deepfleet("serve", "--config", str(tmp_path / "missing.yaml")))
     assert "no Serve config" in line
+
+
+@pytest.mark.timeout(600)
+def test_bench_serve_section_measures_against_a_bare_server(served, tmp_path):
+    """`deepfleet bench --section serve --quick` on the registered model (last: it replaces the
+    module's applications with its own)."""
+    from jobs.bench import serving
+    from jobs.registry import Registry
+
+    registry = Registry(tmp_path / "serve" / "registry")
+    entry = registry.register(served["models"]["retinopathy"], test_metrics={}, lineage={"bench": "test"})
+    registry.set_stage("retinopathy", entry["version"], "production", "test")
+    result = serving.run(["retinopathy"], quick=True, work_dir=tmp_path / "serve", progress=print)
+    print(json.dumps({k: v for k, v in result.items() if k != "cells"}, indent=1))
+    assert result["errors"] == 0
+    for server, cells in result["cells"].items():
+        assert set(cells) == {"1", "8", "32"} and all(c["requests_per_s"] > 0 for c in cells.values()), server
+    assert np.isfinite(result["overhead_p50_ms_at_1"]) and result["batching_gain_at_32"] >= 1.2
+    assert {t["name"] for t in serving.targets(result)} >= {"batching throughput gain at 32 clients"}
