@@ -14,6 +14,12 @@ DEFAULT_ENV = {
 # DeepSpeed picks its CPU accelerator on machines without CUDA; CPU workers say so explicitly.
 # It follows the workers, not the driver: a CPU head node drives GPU workers on clusters.
 CPU_ACCELERATOR = {"DS_ACCELERATOR": "cpu"}
+# Ray Serve's fast path: HAProxy in front of ingress replicas that serve HTTP themselves (no
+# Python proxy hop), gRPC between deployments, user code on the replica's own loop. Measured on
+# 2 cores: a two-deployment request costs 3.0 ms over a bare server instead of 13 ms. Serve reads
+# these when its processes start, so they belong to the cluster's environment: the embedded
+# cluster gets them here, the files in cluster/ set them on every node.
+SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 HAS_GPU = bool(os.environ.get("CUDA_VISIBLE_DEVICES")) or os.path.exists("/dev/nvidia0")
 
 
@@ -64,6 +70,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ConnectionError(f"no Ray cluster at {address}: {str(e).splitlines()[0]}") from None
     cpus = num_cpus or max(os.cpu_count() or 1, 4)
+    os.environ.update({k: os.environ.get(k, v) for k, v in SERVE_ENV.items()})  # inherited by Ray's processes
     return ray.init(
         num_cpus=cpus,
         runtime_env=runtime_env,
