@@ -97,6 +97,26 @@ def test_rayservice_serves_the_shipped_serve_config_on_the_serving_nodes():
     assert spec["rayVersion"] == version("ray") and spec["authOptions"] == {"mode": "token"}
 
 
+@pytest.mark.timeout(30)
+def test_every_node_runs_serve_with_the_embedded_clusters_settings():
+    from cluster.local import SERVE_ENV
+
+    for path in LAUNCHERS:
+        for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+            start = [c for c in _load(path)[key] if "ray start" in c]
+            assert start and all(f"{k}={v}" in c for c in start for k, v in SERVE_ENV.items()), (path, key)
+    for path in KUBERAY:
+        doc = _load(path)
+        if doc["kind"] not in ("RayCluster", "RayJob", "RayService"):
+            continue
+        spec = doc["spec"].get("rayClusterSpec") or doc["spec"].get("rayClusterConfig") or doc["spec"]
+        groups = [spec["headGroupSpec"], *spec["workerGroupSpecs"]]
+        for group in groups:
+            for container in group["template"]["spec"]["containers"]:
+                env = {e["name"]: e.get("value") for e in container.get("env", [])}
+                assert all(env.get(k) == v for k, v in SERVE_ENV.items()), (path.name, container["name"])
+
+
 @pytest.mark.timeout(120)
 @pytest.mark.parametrize("entrypoint", _entrypoints(), ids=lambda e: shlex.split(e)[2])
 def test_every_entrypoint_exists_and_parses_its_arguments(entrypoint):
