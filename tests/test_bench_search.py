@@ -126,6 +126,9 @@ def test_compare_asha_with_random_search_on_the_same_four_trials():
     assert got["asha"]["to_target"]["trial_epochs"] == 5 and got["asha"]["to_target"]["wall_s"] == 31
     assert got["ratio_trial_epochs"] == 0.5  # exactly the bound: met
     assert got["asha"]["trial_epochs"] == 6 and got["random"]["trial_epochs"] == 12
+    c = got["causes"]  # 1 of 4 configurations gets there, at its 2nd epoch; both sweeps scored alike
+    assert (c["reaching"], c["reaching_share"], c["first_epoch_reaching"]) == (1, 0.25, 2)
+    assert c["repeat_pairs"] == 6 and c["repeat_noise_max"] == 0.0
     (t,) = search.targets({"task": "recsys", **got})
     assert t["met"] and t["op"] == "<=" and t["target"] == 0.5
     # an ASHA that stopped the good trial never reaches the target: no ratio, target not met

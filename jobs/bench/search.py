@@ -49,34 +49,31 @@ SEED = 0  # the searcher's seed, the same for both sweeps
 
 # One sweep pair per plan. recsys: the tiny model on a third of the tiny data (800 sessions),
 # one 1-CPU worker per trial so that two trials run side by side on the embedded cluster, no MF
-# sibling. ASHA's rungs: grace_period, then x reduction_factor up to the last epoch.
+# sibling. ASHA's rungs: grace_period x reduction_factor^k up to the last epoch (quick: 1, 2, 4;
+# full: 1, 3). A trial costs ~1 min of start-up and 20-60 s per epoch on 2 busy cores (the train
+# split's Ray Data pipeline runs again every epoch), so quick is ~20 min and full ~30-50 min.
+RECSYS_TRIAL = {
+    "baselines.mf": False,
+    "scaling.num_workers": 1,
+    "data.num_tracks": 600,
+    "data.num_users": 100,
+    "data.num_sessions": 800,
+}
 PLANS = {
     "recsys": {
         "quick": {
+            "num_samples": 6,
+            "epochs": 4,
+            "grace_period": 1,
+            "reduction_factor": 2,
+            "trial": RECSYS_TRIAL,
+        },
+        "full": {
             "num_samples": 8,
             "epochs": 6,
             "grace_period": 1,
             "reduction_factor": 3,
-            "trial": {
-                "baselines.mf": False,
-                "scaling.num_workers": 1,
-                "data.num_tracks": 600,
-                "data.num_users": 100,
-                "data.num_sessions": 800,
-            },
-        },
-        "full": {
-            "num_samples": 16,
-            "epochs": 9,
-            "grace_period": 1,
-            "reduction_factor": 3,
-            "trial": {
-                "baselines.mf": False,
-                "scaling.num_workers": 1,
-                "data.num_tracks": 600,
-                "data.num_users": 100,
-                "data.num_sessions": 800,
-            },
+            "trial": RECSYS_TRIAL,
         },
     },
 }
@@ -169,6 +166,37 @@ def same_configs(a: list[dict], b: list[dict]) -> bool:
     return True
 
 
+def causes(asha: dict, random: dict, bound: float | None) -> dict:
+    """What decides the ratio, from the random search (every configuration to its last epoch):
+    the share of sampled configurations that reach the target at any epoch, and the earliest epoch
+    one does (no scheduler spends less than that on the trial that gets there); and how much the
+    same configuration's score moves between the two sweeps at the same epoch (run-to-run noise,
+    against the target's distance from the best)."""
+    metric, sign = random["metric"], (1.0 if random["mode"] == "max" else -1.0)
+    reach = []
+    for t in random["trials"]:
+        hit = [
+            h["epoch"] for h in t["history"] if h.get(metric) is not None and sign * h[metric] >= sign * bound
+        ]
+        reach.append(min(hit) if hit else None)
+    hits = [e for e in reach if e is not None]
+    scores = {}
+    for name, s in (("asha", asha), ("random", random)):
+        for t in s["trials"]:
+            for h in t["history"]:
+                if h.get(metric) is not None:
+                    scores.setdefault((trial_index(t["trial_id"]), h["epoch"]), {})[name] = h[metric]
+    deltas = sorted(abs(v["asha"] - v["random"]) for v in scores.values() if len(v) == 2)
+    return {
+        "reaching_share": len(hits) / max(len(reach), 1) if bound is not None else None,
+        "reaching": sum(e is not None for e in reach),
+        "first_epoch_reaching": min(hits) if hits else None,
+        "repeat_pairs": len(deltas),
+        "repeat_noise_median": deltas[len(deltas) // 2] if deltas else None,
+        "repeat_noise_max": deltas[-1] if deltas else None,
+    }
+
+
 def compare(asha: dict, random: dict, trivial: float, fraction: float = FRACTION) -> dict:
     """Both sweeps' summaries (sweep.json) -> the figures of the section."""
     metric, mode = asha["metric"], asha["mode"]
@@ -199,6 +227,7 @@ def compare(asha: dict, random: dict, trivial: float, fraction: float = FRACTION
             "to_target": reached,
             "epochs_per_trial": {t["trial_id"]: len(t["history"]) for t in s["trials"]},
         }
+    out["causes"] = causes(asha, random, bound)
     a, r = out["asha"]["to_target"].get("trial_epochs"), out["random"]["to_target"].get("trial_epochs")
     out["ratio_trial_epochs"] = a / r if a is not None and r else None
     aw, rw = out["asha"]["to_target"].get("wall_s"), out["random"]["to_target"].get("wall_s")
@@ -435,6 +464,7 @@ def run(tasks: list[str], quick: bool, work_dir: Path, progress: Callable[[str],
     trivial = trivial_score(baseline, random["metric"])
     result = {"task": chosen, "plan": plan, "seed": SEED, **compare(asha, random, trivial)}
     result["sweep_dirs"] = {k: s["paths"]["sweep_dir"] for k, s in sweeps.items()}
+    result["replay"] = replay_section(random, result["target_score"], plan)
     if not result["same_configs"]:
         progress("search: the two sweeps did not sample the same configurations: the comparison is void")
     progress(
@@ -442,6 +472,19 @@ def run(tasks: list[str], quick: bool, work_dir: Path, progress: Callable[[str],
         f"asha {result['asha']['to_target'].get('trial_epochs')}, random {result['random']['to_target'].get('trial_epochs')}"
     )
     return result
+
+
+def replay_section(random: dict, bound: float | None, plan: dict) -> dict | None:
+    """The measured order against other orders of the same trials: ASHA replayed on the random
+    search's learning curves (which hold every configuration to its last epoch)."""
+    metric = random["metric"]
+    trials = sorted(random["trials"], key=lambda t: trial_index(t["trial_id"]))
+    curves = [[h[metric] for h in t["history"]] for t in trials]
+    if bound is None or random["mode"] != "max" or any(len(c) < random["max_epochs"] for c in curves):
+        return None  # (a lower-is-better metric would replay on negated curves; none is searched here)
+    return replay_ratios(
+        curves, bound, plan["grace_period"], plan["reduction_factor"], slots=random["trials_at_once"]
+    )
 
 
 def _num(x, digits: int = 4) -> str:
@@ -488,6 +531,31 @@ def rows(result: dict) -> list[tuple[str, str, str]]:
         (task, "ASHA / random: wall to target", _num(result["ratio_wall"], 3)),
         (task, "ASHA / random: trial-epochs in all", _num(result["ratio_total_trial_epochs"], 3)),
     ]
+    c = result.get("causes")
+    if c and c["reaching_share"] is not None:
+        out += [
+            (
+                task,
+                "configurations reaching the target",
+                f"{c['reaching']} of {result['random']['trials']}, the earliest at epoch {c['first_epoch_reaching']}",
+            ),
+            (
+                task,
+                f"same configuration, same epoch, two sweeps: |d {m}|",
+                f"median {_num(c['repeat_noise_median'])}, max {_num(c['repeat_noise_max'])} "
+                f"({c['repeat_pairs']} pairs); target to best {_num(abs(result['best_either'] - result['target_score']))}",
+            ),
+        ]
+    r = result.get("replay")
+    if r:
+        out += [
+            (
+                task,
+                "replay: ASHA / random over trial orders",
+                f"sampled order {_num(r['sampled_order'], 3)}; median of {r['orders']} orders "
+                f"{_num(r['median'], 3)}; <= {BOUND:g} in {r['met_share']:.0%}, ASHA misses in {r['missed_share']:.0%}",
+            )
+        ]
     return out
 
 
