@@ -126,7 +126,8 @@ class Ingress:
             v: DriftWindow(ref, window=drift["window"], threshold=drift["threshold"]) if ref else None
             for v, ref in references.items()
         }
-        self.alerted: dict[str, float] = {}
+        self.alerted: dict[str, float] = {}  # when each version last logged an alert
+        self.scored: dict[str, float] = {}  # when each version's window was last scored
         tags = ("task", "version")
         self.requests = Counter(
             "deepfleet_requests",
@@ -180,6 +181,10 @@ class Ingress:
         if window is None:
             return
         window.observe({k: np.asarray(v, dtype=np.float64) for k, v in values.items()})
+        # scoring the window costs more than observing it: the gauge and the alert look once a second
+        if time.monotonic() - self.scored.get(version, -1e9) < 1:
+            return
+        self.scored[version] = time.monotonic()
         report = window.report()
         if report["score"] is None:
             return
