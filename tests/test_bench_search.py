@@ -193,3 +193,37 @@ def test_replay_stops_trials_below_the_rung_cutoff_and_starts_the_next_one_in_th
     got = search.replay_ratios(curves, 0.65, grace_period=1, reduction_factor=3, startup=0.0, orders=30)
     assert got["sampled_order"] == pytest.approx(7 / 10)  # trial 3's 2nd epoch: 7th vs 10th validation
     assert got["orders"] == 30 and 0 <= got["met_share"] <= 1 and got["median"] is not None
+
+
+OWN_CLUSTER = """
+import os, ray
+from jobs.bench.search import own_cluster
+before = os.environ.get("RAY_ADDRESS")
+with own_cluster() as address:
+    @ray.remote(num_cpus=0)
+    def seen():
+        from ray.util.state import list_actors
+        list_actors()  # Train's placement-group cleaner finds its cluster this way
+        return os.environ.get("RAY_ADDRESS")
+    assert ray.get(seen.remote()) == address == ray.get_runtime_context().gcs_address, address
+assert not ray.is_initialized() and os.environ.get("RAY_ADDRESS") == before
+print("ok")
+"""
+
+
+@pytest.mark.timeout(240)
+def test_the_sweeps_cluster_tells_every_worker_its_own_address():
+    """Without RAY_ADDRESS a worker's state-API lookup fails as soon as a second Ray instance runs
+    on the machine, and a trial ASHA stops keeps its CPU forever. A fresh process: the session's
+    cluster (ray_local) must not be the one reused."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(
+        [sys.executable, "-c", OWN_CLUSTER], cwd=ROOT, env=env, capture_output=True, text=True, timeout=220
+    )
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
