@@ -7,6 +7,7 @@ import json
 import re
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,50 @@ class RunLogger:
     def finish(self) -> None:
         if self.run is not None:
             self.run.finish()
+
+
+class StepClock:
+    """Where a window of training steps spent its time: waiting for the input pipeline's next
+    batch, or computing (forward, loss, backward, optimizer step). Progress lines carry both
+    per optimizer step (`wait_s`, `step_s`), and the compute's CPU time on the training thread
+    (`step_cpu_s`: unlike wall time, other processes on a shared machine barely move it), so
+    the engine's own step is told apart from its data loading (jobs.bench.train_step)."""
+
+    def __init__(self) -> None:
+        self.restart()
+
+    def restart(self) -> None:
+        """A new window starts now."""
+        self._mark, self._cpu_mark = time.perf_counter(), time.thread_time()
+        self.wait = self.compute = self.compute_cpu = 0.0
+
+    def _lap(self) -> tuple[float, float]:
+        now, cpu = time.perf_counter(), time.thread_time()
+        lap = (now - self._mark, cpu - self._cpu_mark)
+        self._mark, self._cpu_mark = now, cpu
+        return lap
+
+    def ready(self) -> None:
+        """A batch arrived: the time since the last mark was spent waiting for it."""
+        self.wait += self._lap()[0]
+
+    def done(self) -> None:
+        """A micro-batch's forward, backward and step are done: the time since ready() was compute."""
+        wall, cpu = self._lap()
+        self.compute += wall
+        self.compute_cpu += cpu
+
+    def skip(self) -> None:
+        """Leave the time since the last mark out (a checkpoint inside a window)."""
+        self._lap()
+
+    def per_step(self, steps: int) -> dict[str, float]:
+        steps = max(steps, 1)
+        return {
+            "step_s": self.compute / steps,
+            "step_cpu_s": self.compute_cpu / steps,
+            "wait_s": self.wait / steps,
+        }
 
 
 class Progress:

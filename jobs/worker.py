@@ -26,7 +26,7 @@ from ray.train import Checkpoint
 
 from jobs import tasks
 from jobs.config import RecipeBase, recipe_from_dict
-from jobs.tracking import RunLogger
+from jobs.tracking import RunLogger, StepClock
 
 CKPT_TAG = "ds"  # one fixed tag: Ray already versions checkpoint directories
 
@@ -175,11 +175,13 @@ def train_loop_per_worker(config: dict) -> None:
     metrics: dict = {}
     while state["epoch"] < t.epochs and state["step"] < total_steps:
         tic, window_loss, window_steps = time.perf_counter(), 0.0, 0
+        clock = StepClock()  # the window's time split: waiting for batches vs computing
         batches = train_shard.iter_batches(
             batch_size=t.batch_size, batch_format="numpy", drop_last=True, prefetch_batches=2
         )
         consumed = 0
         for batch in batches:
+            clock.ready()
             if consumed == micro_per_epoch or state["step"] >= total_steps:
                 break  # leftover micro-batches would leak an accumulation into the next epoch
             output = engine(*task.inputs(batch, device, dtype))
@@ -188,6 +190,7 @@ def train_loop_per_worker(config: dict) -> None:
             engine.step()
             consumed += 1
             window_loss += loss.item() / t.grad_accum
+            clock.done()
             if consumed % t.grad_accum:
                 continue
             state["step"] += 1
@@ -205,6 +208,7 @@ def train_loop_per_worker(config: dict) -> None:
                     "loss": float(mean_loss) / world,
                     "lr": schedule.get_last_lr()[0],
                     "samples_per_s": window_steps * global_batch / elapsed,
+                    **clock.per_step(window_steps),
                 }
                 if t.trace_batches:  # which rows made this step, rank by rank (checks the maths)
                     ids = [None] * world
@@ -214,8 +218,10 @@ def train_loop_per_worker(config: dict) -> None:
                 if rank == 0:
                     _send(progress, line)
                 tic, window_loss, window_steps = time.perf_counter(), 0.0, 0
+                clock.restart()
             if t.checkpoint_every and state["step"] % t.checkpoint_every == 0 and state["step"] < total_steps:
                 save_and_report(engine, state, {}, rank)
+                clock.skip()  # a checkpoint is neither waiting for data nor a step
         # an epoch stopped part-way by max_steps is not finished: a longer resumed run redoes it
         if consumed == micro_per_epoch or state["step"] < total_steps:
             state["epoch"] += 1

@@ -162,7 +162,9 @@ def targets(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
 
 
 def loss(recipe: RecsysRecipe, output, batch: dict, device: torch.device) -> torch.Tensor:
-    return F.binary_cross_entropy_with_logits(output.float(), targets(batch, device)["label"])
+    # the labels only: targets() also hashes every query id for the ranking metrics, ~1.3 ms of
+    # a ~33 ms tiny training step (deepfleet bench --section train)
+    return F.binary_cross_entropy_with_logits(output.float(), _tensor(batch["label"], device, torch.float32))
 
 
 def sample_ids(batch: dict) -> list[str]:
