@@ -43,6 +43,39 @@ def test_flops_of_a_linear_layer_match_the_hand_count():
     assert got["embedding_rows_per_sample"] == 5 and got["embedding_bytes_per_sample"] == 5 * 4 * 4
 
 
+@pytest.mark.timeout(120)
+def test_utilisation_of_a_linear_layer_is_within_the_matmul_peak():
+    """A stack of Linear layers trains on the matmuls the peak is measured with: its achieved
+    FLOP/s (hand-countable FLOPs x measured samples/s) is a share of that peak."""
+    from jobs.bench import median_rate
+    from jobs.bench.train_step import count_flops, matmul_peak, utilisation, with_threads
+
+    n, k = 64, 256
+    model = torch.nn.Sequential(torch.nn.Linear(k, k), torch.nn.ReLU(), torch.nn.Linear(k, 1))
+    x, opt = torch.randn(n, k), torch.optim.AdamW(model.parameters())
+    flops = count_flops(model, (x,), lambda out: out.sum(), n)
+    # the first layer's input needs no gradient: forward 2k(k+1), backward all but that input's
+    assert flops["flops_per_sample"] == 2 * k * (k + 1) + 2 * k * k + 2 * 2 * k
+
+    def steps() -> int:
+        for _ in range(20):
+            opt.zero_grad()
+            model(x).sum().backward()
+            opt.step()
+        return 20 * n
+
+    rate = with_threads(1, lambda: median_rate(steps, repeats=3))["median"]
+    peak = matmul_peak(1, n=1024, repeats=3)["flops"]
+    one = {
+        "flops": flops,
+        "recipe_stage": 0,
+        "ours": {"0": {"samples_per_s": rate}},
+        "plain": {"samples_per_s": rate},
+    }
+    use = utilisation(one, peak)
+    assert 0 < use["of_fp32_peak"] <= 1, use
+
+
 @pytest.mark.timeout(60)
 def test_steady_windows_leave_out_warm_up_and_epoch_starts():
     from jobs.bench.train_step import plan_steps, steady_windows
@@ -74,7 +107,8 @@ def test_train_section_measures_both_sides(ray_local, small):
     peak = train_step.matmul_peak(1, n=1024, repeats=3)
     assert peak["flops"] > 1e9
     use = train_step.utilisation(one, peak["flops"])
-    assert 0 < use["of_fp32_peak"] <= 1, use
+    # counted as direct convolutions: oneDNN's Winograd 3x3 convolutions may pass the mm peak
+    assert 0 < use["of_fp32_peak"] < 3, use
     assert use["embedding_bytes_per_s"] is None
     result = {
         "runs": [one | {"utilisation": use}],
@@ -97,7 +131,7 @@ def test_ingest_section_measures_every_reader(ray_local, small):
         for m in ("pyarrow", "dataloader_0", f"dataloader_{workers}", "ray")
         for d in ("", "+decode")
     }
-    assert set(r["methods"]) == expected
+    assert set(r["methods"]) == expected  # (recsys also times its pipeline without the shuffle)
     for key, m in r["methods"].items():
         assert m["rows_per_s"] > 0 and m["mb_per_s"] > 0 and m["first_batch_s"] >= 0, key
     # decoding costs: the raw pyarrow read is the ceiling of every decoded reader

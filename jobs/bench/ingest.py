@@ -9,7 +9,8 @@ same Parquet shards by
                 the DataLoader's own collation)
     ray         our Ray Data pipeline: undecoded, ray.data.read_parquet of the shards with the
                 task's columns; decoded, the task's datasets(recipe, manifest)["train"] (what a
-                training run reads: decoding, augmentation, recsys's row shuffle), iterated with
+                training run reads: decoding, augmentation, recsys's row shuffle; recsys also without
+                the shuffle), iterated with
                 iter_batches(batch_format="numpy", drop_last, prefetch_batches=2) as the worker does
 
 each without and with decoding (the task's decode_batch with the training split's arguments), at
@@ -192,6 +193,19 @@ def measure_task(recipe, quick: bool, progress: Callable[[str], None]) -> dict:
 
         return make
 
+    if recipe.task == "recsys":  # training shuffles rows each epoch: the same pipeline without it
+        from data_loaders import recsys as data
+
+        unshuffled = data.read_split(recipe.data.root, "train", many)
+        n = timed_passes(
+            lambda: unshuffled.iter_batches(
+                batch_size=bs, batch_format="numpy", drop_last=True, prefetch_batches=2
+            ),
+            repeats,
+        )
+        n["mb_per_s"] = n["rows_per_s"] * row_bytes / 1e6
+        progress(f"recsys ingest ray+decode without the row shuffle: {n['rows_per_s']:.0f} rows/s")
+
     methods = {
         "pyarrow": pyarrow,
         "dataloader_0": functools.partial(dataloader, 0),
@@ -217,6 +231,8 @@ def measure_task(recipe, quick: bool, progress: Callable[[str], None]) -> dict:
                 f"first batch {rate['first_batch_s']:.2f} s"
             )
     loaders.clear()  # persistent workers end with their DataLoader
+    if recipe.task == "recsys":
+        result["methods"]["ray+decode (no shuffle)"] = n
 
     # what training consumes: the plain PyTorch step on the recipe's thread count
     loop = ts.PlainLoop(recipe)
