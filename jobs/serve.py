@@ -73,9 +73,13 @@ def validate(config: dict, where: str = "serve config") -> dict:
         if "://" not in args.registry:  # Serve builds the app elsewhere: no relative paths
             app["args"]["registry"] = str(Path(args.registry).expanduser().resolve())
         for d in app.get("deployments", []):
-            if d.get("name") != "ingress" and not str(d.get("name", "")).startswith("model-"):
+            name = str(d.get("name", ""))
+            if name != "ingress" and not name.startswith("model-"):
+                raise UserError(f"{at}.deployments: unknown deployment '{name}' (ingress, model-<version>)")
+            if name.startswith("model-") and not args.canary:
                 raise UserError(
-                    f"{at}.deployments: unknown deployment '{d.get('name')}' (ingress, model-<version>)"
+                    f"{at}.deployments: '{name}' exists only during a canary release; "
+                    "one version is served by the ingress itself (override `ingress`)"
                 )
     return config
 
@@ -213,17 +217,25 @@ def deployed_config(details: dict) -> dict:
 
 
 def reconfigure(dashboard: str, task: str, deployment: str, user_config: dict, progress=print) -> dict:
-    """Change one deployment's user_config in a running application. The application's code
-    version (import path, args) stays, so Serve calls reconfigure() on the running replicas
-    instead of replacing them: no restart, no dropped request."""
+    """Change keys of one deployment's user_config in a running application (the others keep
+    their values). The application's code version (import path, args) stays, so Serve calls
+    reconfigure() on the running replicas instead of replacing them: no restart, no dropped
+    request."""
     client = _client(dashboard)
-    config = deployed_config(client.get_serve_details())
+    details = client.get_serve_details()
+    config = deployed_config(details)
     app = next((a for a in config["applications"] if a["name"] == task), None)
     if app is None:
         running = ", ".join(a["name"] for a in config["applications"]) or "none"
         raise UserError(f"no {task} application runs on this cluster (running: {running})")
+    deployments = details["applications"][task].get("deployments", {})
+    if deployment not in deployments:
+        raise UserError(
+            f"the {task} application has no deployment {deployment} (it has {', '.join(deployments)})"
+        )
+    current = deployments[deployment].get("deployment_config", {}).get("user_config") or {}
     others = [d for d in app.get("deployments", []) if d.get("name") != deployment]
-    app["deployments"] = [*others, {"name": deployment, "user_config": user_config}]
+    app["deployments"] = [*others, {"name": deployment, "user_config": {**current, **user_config}}]
     client.deploy_applications(config)
     return wait(client, [task], DEPLOY_TIMEOUT_S, progress)
 
@@ -237,6 +249,19 @@ def set_canary(dashboard: str, task: str, percent: float, progress=print) -> dic
     if not (app.get("deployed_app_config") or {}).get("args", {}).get("canary"):
         raise UserError(f"the {task} application serves no canary (deploy it with --canary {task}=VERSION)")
     return reconfigure(dashboard, task, "ingress", {"canary_percent": percent}, progress)
+
+
+def set_batching(dashboard: str, task: str, version: str, batching: dict, progress=print) -> dict:
+    """Move a served version's @serve.batch settings in place: on its own deployment during a
+    canary release, on the ingress that holds it otherwise."""
+    from serve.app import Batching
+
+    batching = Batching.model_validate(batching).model_dump()
+    deployments = (
+        _client(dashboard).get_serve_details().get("applications", {}).get(task, {}).get("deployments", {})
+    )
+    name = f"model-{version}" if f"model-{version}" in deployments else "ingress"
+    return reconfigure(dashboard, task, name, batching, progress)
 
 
 def urls(details: dict, host: str | None = None) -> dict[str, str]:

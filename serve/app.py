@@ -72,7 +72,9 @@ class ServeArgs(Args):
         0.5, gt=0, description="CPUs of a model replica (torch threads: rounded, >= 1)."
     )
     model_gpus: float = Field(0, ge=0)
-    ingress_cpus: float = Field(0.25, gt=0)
+    ingress_cpus: float = Field(
+        0.25, gt=0, description="CPUs of the ingress in front of a canary release's model deployments."
+    )
     max_body_bytes: int = Field(8 << 20, ge=1024, description="Larger request bodies get 413.")
     drift: Drift = Drift()
 
@@ -98,27 +100,38 @@ def versions(args: ServeArgs) -> list[dict]:
 
 
 def build(args: ServeArgs) -> Application:
+    """One version: a single deployment, the ingress holding the model (one hop per request,
+    scaled by `autoscaling`, batching in its user_config). With a canary: the ingress (one
+    replica: one drift window per version) in front of a deployment per version."""
     from serve.deployments import Model, ingress
 
     entries = versions(args)
-    model = serve.deployment(Model).options(
-        max_ongoing_requests=args.max_ongoing_requests,
-        autoscaling_config=args.autoscaling.model_dump(),
-        user_config=args.batching.model_dump(),
-        ray_actor_options={"num_cpus": args.model_cpus, "num_gpus": args.model_gpus},
-    )
-    models = {
-        e["version"]: model.options(name=f"model-{e['version']}").bind(
-            args.task, args.registry, e["version"], args.model_cpus, args.model_gpus
-        )
+    references = {e["version"]: e.get("reference") for e in entries}
+    model_args = {
+        e["version"]: {
+            "task": args.task,
+            "registry": args.registry,
+            "version": e["version"],
+            "cpus": args.model_cpus,
+            "gpus": args.model_gpus,
+        }
         for e in entries
     }
-    front = serve.deployment(ingress(args.task, args.max_body_bytes)).options(
-        name="ingress",
+    front = serve.deployment(ingress(args.task, args.max_body_bytes)).options(name="ingress")
+    replicas = {
+        "max_ongoing_requests": args.max_ongoing_requests,
+        "autoscaling_config": args.autoscaling.model_dump(),
+        "ray_actor_options": {"num_cpus": args.model_cpus, "num_gpus": args.model_gpus},
+    }
+    if not args.canary:
+        front = front.options(**replicas, user_config={"canary_percent": 0, **args.batching.model_dump()})
+        return front.bind(args.task, model_args, references, args.drift.model_dump())
+    model = serve.deployment(Model).options(**replicas, user_config=args.batching.model_dump())
+    models = {v: model.options(name=f"model-{v}").bind(**kwargs) for v, kwargs in model_args.items()}
+    front = front.options(
         num_replicas=1,  # one drift window per version: scale the models, not the front
         max_ongoing_requests=4 * args.max_ongoing_requests,
         user_config={"canary_percent": args.canary_percent},
         ray_actor_options={"num_cpus": args.ingress_cpus},
     )
-    references = {e["version"]: e.get("reference") for e in entries}
     return front.bind(args.task, models, references, args.drift.model_dump())

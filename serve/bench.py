@@ -40,15 +40,15 @@ def batching_gain(
     warmup_s: float = 3,
     progress=print,
 ) -> dict:
-    """requests/s at batch size 1 and at `max_batch_size` on the running application (its
-    model-<version> deployment is reconfigured in place between the two), and their ratio."""
-    from jobs.serve import reconfigure
+    """requests/s at batch size 1 and at `max_batch_size` on the running application (the
+    version's batching is reconfigured in place between the two), and their ratio."""
+    from jobs.serve import set_batching
     from serve import load
 
     out = {"task": task, "version": version, "concurrency": concurrency, "duration_s": duration_s}
     for name, size in (("unbatched", 1), ("batched", max_batch_size)):
         user_config = {"max_batch_size": size, "batch_wait_timeout_s": batch_wait_timeout_s}
-        reconfigure(dashboard, task, f"model-{version}", user_config, progress=lambda _: None)
+        set_batching(dashboard, task, version, user_config, progress=lambda _: None)
         load.run(f"{url}/predict", bodies, concurrency, duration_s=warmup_s)
         result = load.run(f"{url}/predict", bodies, concurrency, duration_s=duration_s)
         result.pop("timeline")

@@ -143,6 +143,12 @@ def test_deepfleet_serve_answers_all_three_tasks(served):
         assert health.status_code == 200 and health.json()["status"] == "ok", health.text
         assert requests.get(f"{served['base']}/{task}/docs", timeout=30).status_code == 200
     assert set(requests.get(f"{served['base']}/retinopathy/health").json()["versions"]) == {"v1", "v2"}
+    # one version: the ingress holds the model (one hop); a canary release: a deployment per version
+    from ray import serve
+
+    apps = serve.status().applications
+    assert set(apps["autonomous"].deployments) == set(apps["recsys"].deployments) == {"ingress"}
+    assert set(apps["retinopathy"].deployments) == {"ingress", "model-v1", "model-v2"}
 
     # retinopathy: the served answer is the exported model's offline prediction for the same image
     model, card = load_exported(served["models"]["retinopathy"])
@@ -383,6 +389,19 @@ def test_batching_raises_throughput(served):
     assert result["unbatched"]["errors"] == 0 and result["batched"]["errors"] == 0
     assert result["throughput_ratio"] >= 1.2, result
 
+    # one version: its batching lives on the ingress that holds it; a change keeps the other keys
+    from jobs.serve import set_batching
+
+    details = set_batching(
+        dashboard_url(), "autonomous", "v1", {"max_batch_size": 2}, progress=lambda _: None
+    )
+    ingress = details["applications"]["autonomous"]["deployments"]["ingress"]
+    assert ingress["deployment_config"]["user_config"] == {
+        "canary_percent": 0,
+        "max_batch_size": 2,
+        "batch_wait_timeout_s": 0.01,
+    }
+
 
 @pytest.mark.timeout(120)
 def test_serve_config_is_validated_strictly(tmp_path):
@@ -401,6 +420,11 @@ def test_serve_config_is_validated_strictly(tmp_path):
     (tmp_path / "b.yaml").write_text(yaml.safe_dump(broken))
     with pytest.raises(UserError, match="unknown key 'max_ongoing_request'"):
         load(tmp_path / "b.yaml")
+    broken = yaml.safe_load(SERVE_CONFIG.read_text())
+    broken["applications"][2]["deployments"] = [{"name": "model-v1", "user_config": {"max_batch_size": 8}}]
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(broken))
+    with pytest.raises(UserError, match="'model-v1' exists only during a canary release"):
+        load(tmp_path / "c.yaml")
 
 
 @pytest.mark.timeout(120)

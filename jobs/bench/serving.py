@@ -123,7 +123,7 @@ def run(tasks: list[str], quick: bool, work_dir: Path, progress) -> dict:
     try:
         for name, user_config in servers.items():
             if user_config is not None:
-                deploy.reconfigure(dashboard, "retinopathy", f"model-{version}", user_config, lambda _: None)
+                deploy.set_batching(dashboard, "retinopathy", version, user_config, lambda _: None)
             for c in CONCURRENCY:
                 load.run(urls[name], bodies, c, duration_s=2)  # warm-up
                 runs = []
