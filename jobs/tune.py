@@ -413,7 +413,10 @@ def _same(config: dict, point: dict) -> bool:
 
 def _trial_summary(result, sweep_dir: Path, metric: str, max_t: int) -> dict:
     """A trial from its own run directory: every validation it ran (across restarts)."""
-    trial_id = Path(result.path).name
+    # Tune names the trial's own directory after the trial id, but a resumed sweep gives a trial
+    # that had started, unrecorded, before the kill a new one (`<id>_<4 hex>`): the id it reports
+    # under is the one its run directory has
+    trial_id = (result.metrics or {}).get("trial_id") or Path(result.path).name
     run_dir = sweep_dir / "trials" / trial_id
     validations = _validations(run_dir)
     last = validations[-1] if validations else {}
