@@ -20,6 +20,12 @@ CPU_ACCELERATOR = {"DS_ACCELERATOR": "cpu"}
 # these when its processes start, so they belong to the cluster's environment: the embedded
 # cluster gets them here, the files in cluster/ set them on every node.
 SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+# Ray Train on the embedded (one-machine) cluster. The controller polls its workers every 2 s by
+# default, and a run's end waits for the next poll: 0.5 s cuts ~2 s from every run (and every Tune
+# trial) on 2 cores at no measurable cost. The preemption watcher, one more actor process per run,
+# watches for cloud nodes being drained: a single machine has none. Train's controller reads
+# both from its environment, so they belong to the cluster's environment like SERVE_ENV.
+LOCAL_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
 HAS_GPU = bool(os.environ.get("CUDA_VISIBLE_DEVICES")) or os.path.exists("/dev/nvidia0")
 
 
@@ -76,7 +82,8 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ConnectionError(f"no Ray cluster at {address}: {str(e).splitlines()[0]}") from None
     cpus = num_cpus or max(os.cpu_count() or 1, 4)
-    os.environ.update({k: os.environ.get(k, v) for k, v in SERVE_ENV.items()})  # inherited by Ray's processes
+    # inherited by Ray's processes
+    os.environ.update({k: os.environ.get(k, v) for k, v in {**SERVE_ENV, **LOCAL_TRAIN_ENV}.items()})
     return ray.init(
         num_cpus=cpus,
         runtime_env=runtime_env,
