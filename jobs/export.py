@@ -35,9 +35,10 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def consolidated_state_dict(checkpoint_dir: Path, tag: str, zero_stage: int) -> dict[str, torch.Tensor]:
-    """fp32 weights and buffers from the shards of every rank."""
-    if zero_stage == 0:
+def consolidated_state_dict(checkpoint_dir: Path, tag: str) -> dict[str, torch.Tensor]:
+    """fp32 weights and buffers from the shards of every rank. The files say the ZeRO stage the
+    run had (one rank without offload runs stage 0 whatever the recipe says: jobs.worker)."""
+    if not any(Path(checkpoint_dir, tag).glob("zero_pp_rank_*")):
         # no ZeRO: rank 0's model-states file holds the whole module
         state = torch.load(
             Path(checkpoint_dir, tag, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False
@@ -63,7 +64,7 @@ def export(
     from jobs import tasks
 
     task = tasks.get(recipe.task)
-    state = consolidated_state_dict(Path(checkpoint_dir), tag, recipe.train.zero_stage)
+    state = consolidated_state_dict(Path(checkpoint_dir), tag)
     model = tasks.build_model(recipe)
     model.load_state_dict(state, strict=True)  # proves the export fits the architecture
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -195,7 +195,7 @@ def train(
 def finish(recipe: RecipeBase, checkpoint, manifest: dict, wall: float | None = None) -> dict:
     """Export a finished run's checkpoint (a ray.train.Checkpoint) and write its summary.json."""
     from jobs.export import export
-    from jobs.worker import CKPT_TAG, resolve_dtype
+    from jobs.worker import CKPT_TAG, resolve_dtype, zero_stage
 
     task, run_dir, s = tasks.get(recipe.task), recipe.run_dir, recipe.scaling
     metrics_path = run_dir / "metrics.jsonl"
@@ -229,7 +229,7 @@ def finish(recipe: RecipeBase, checkpoint, manifest: dict, wall: float | None = 
         "epochs": state["epoch"],
         "samples": state["samples"],
         "world_size": s.num_workers,
-        "zero_stage": recipe.train.zero_stage,
+        "zero_stage": zero_stage(recipe, s.num_workers),
         "dtype": resolve_dtype(recipe.train.dtype, s.use_gpu),
         "config_hash": recipe.config_hash(),
         "data_fingerprint": manifest["fingerprint"],

@@ -99,6 +99,8 @@ def test_train_section_measures_both_sides(ray_local, small):
     plain, ours = one["plain"], one["ours"][str(small.train.zero_stage)]
     assert plain["samples_per_s"] > 0 and plain["threads"] == 1 and len(plain["repeats"]) == 6
     assert ours["threads"] == 1  # the same thread count on both sides
+    # one rank has nothing to partition: the profile's ZeRO 2 runs as stage 0 (jobs.worker)
+    assert ours["workers"] == 1 and ours["zero_stage"] == 2 and ours["engine_zero_stage"] == 0
     assert len(ours["windows"]) == 2 and all(r > 0 for r in ours["windows"])
     assert 0.3 < ours["ratio"] < 3, ours
     assert 0.3 < ours["cpu_ratio"] < 3, ours
@@ -114,7 +116,7 @@ def test_train_section_measures_both_sides(ray_local, small):
         "runs": [one | {"utilisation": use}],
         "peak": {"fp32": peak, "bf16": peak, "bf16_beats_fp32": False},
     }
-    assert any("ZeRO 2" in measure for _, measure, _ in train_step.rows(result))
+    assert any("ZeRO 2 (runs 0 on 1 worker)" in measure for _, measure, _ in train_step.rows(result))
     (t,) = train_step.targets(result)
     assert t["target"] == 0.9 and t["value"] == ours["ratio"]
     assert any("plain" in ln for ln in lines)

@@ -31,6 +31,18 @@ def test_every_profile_of_every_recipe_validates(path):
 
 
 @pytest.mark.timeout(30)
+def test_one_rank_runs_zero_stage_0_unless_it_offloads():
+    from jobs.worker import deepspeed_config, zero_stage
+
+    r = load_recipe(CONFIGS / "retinopathy.yaml", "tiny", ["train.zero_stage=3"])
+    assert zero_stage(r, 2) == 3 and zero_stage(r, 1) == 0  # nothing to partition over one rank
+    assert deepspeed_config(r, 1, "fp32")["zero_optimization"] == {"stage": 0}
+    offload = load_recipe(CONFIGS / "autonomous.yaml", "zero3")
+    assert offload.train.offload == "cpu" and zero_stage(offload, 1) == 3  # ZeRO-Offload on one GPU
+    assert "offload_param" in deepspeed_config(offload, 1, "bf16")["zero_optimization"]
+
+
+@pytest.mark.timeout(30)
 def test_overrides_parse_as_yaml_and_reach_nested_fields():
     r = load_recipe(
         CONFIGS / "retinopathy.yaml", "tiny", ["train.lr=1e-3", "train.max_steps=7", "model.pretrained=null"]

@@ -4,8 +4,11 @@ utilisation against the machine's measured matmul peak.
 Both sides of every pair: the same recipe (tiny profile), model, seed, batch size, Parquet files
 and torch thread count (Ray gives a 1-CPU worker one thread; the plain loop sets the same).
 
-    ours   jobs.train.train(recipe) with one worker, for ZeRO stages 0-3: Ray Data feeding
-           train.get_dataset_shard, the DeepSpeed engine's forward/backward/step, progress lines.
+    ours   jobs.train.train(recipe): Ray Data feeding train.get_dataset_shard, the DeepSpeed
+           engine's forward/backward/step, progress lines. Quick: one worker at the profile's
+           stage. Full: ZeRO 0 on one worker and ZeRO 1-3 on two (ZeRO partitions over ranks: one
+           rank without offload runs stage 0 whatever the recipe says, jobs.worker.zero_stage);
+           samples/s per worker, against the plain loop's.
            Timed by the worker itself: the progress windows of `train.log_every` steps
            (samples/s from the window's wall clock: waiting for batches, forward, loss,
            backward, step, the loss all-reduce and the W&B/progress line). The first window
@@ -246,16 +249,32 @@ def steady_windows(lines: list[dict]) -> list[dict]:
     return out
 
 
-def engine_rate(recipe, stage: int, window: int, max_steps: int, per_epoch: int, run_name: str) -> dict:
-    """Run our engine (one worker, ZeRO `stage`) and read its steady-state rate from the
-    progress windows it recorded in metrics.jsonl."""
+def stage_label(o: dict) -> str:
+    """'ZeRO 2 (runs 0 on 1 worker)', 'ZeRO 3 on 2 workers': the stage asked and what ran."""
+    ran, workers = o.get("engine_zero_stage", o["zero_stage"]), o.get("workers", 1)
+    if ran != o["zero_stage"]:
+        return f"ZeRO {o['zero_stage']} (runs {ran} on {workers} worker{'s' * (workers > 1)})"
+    return f"ZeRO {ran} on {workers} worker{'s' * (workers > 1)}"
+
+
+def workers_for(stage: int, quick: bool) -> int:
+    """Workers a measurement of `stage` runs: one in quick mode (the profile's stage, as one
+    rank runs it); in full mode two for ZeRO 1-3, which partition over ranks."""
+    return 1 if quick or stage == 0 else 2
+
+
+def engine_rate(
+    recipe, stage: int, window: int, max_steps: int, per_epoch: int, run_name: str, workers: int = 1
+) -> dict:
+    """Run our engine (`workers` workers, ZeRO `stage`) and read its steady-state rate per worker
+    from the progress windows it recorded in metrics.jsonl."""
     from jobs.config import with_values
     from jobs.train import train
 
     r = with_values(
         recipe,
         {
-            "scaling.num_workers": 1,
+            "scaling.num_workers": workers,
             "train.zero_stage": stage,
             "train.max_steps": max_steps,
             "train.epochs": max(recipe.train.epochs, max_steps // per_epoch + 1),
@@ -274,10 +293,12 @@ def engine_rate(recipe, stage: int, window: int, max_steps: int, per_epoch: int,
     windows = steady_windows([ln for ln in lines if ln["kind"] == "train"])
     if not windows:
         raise RuntimeError(f"no steady-state progress window in {r.run_dir / 'metrics.jsonl'}")
-    rates = [ln["samples_per_s"] for ln in windows]
+    rates = [ln["samples_per_s"] / workers for ln in windows]  # a progress line counts all ranks
     size = r.train.batch_size
     return {
         "zero_stage": stage,
+        "engine_zero_stage": setup["zero_stage"],  # what DeepSpeed ran (one rank: 0 unless offload)
+        "workers": workers,
         "samples_per_s": statistics.median(rates),
         "windows": rates,
         "window_steps": window,
@@ -333,7 +354,16 @@ def measure(
     ours = {}
     for stage in stages:
         name = f"{task}-{label.replace(' ', '')}-zero{stage}"
-        o = engine_rate(recipe, stage, window, max_steps, per_epoch, name)
+        workers = workers_for(stage, quick)
+        if workers == 1:
+            o = engine_rate(recipe, stage, window, max_steps, per_epoch, name)
+        else:  # each rank gets 1/workers of the rows: fewer steps an epoch
+            multi = one.model_copy(deep=True)
+            multi.scaling.num_workers = workers
+            per, _ = engine_plan(multi, manifest)
+            win = max(1, min(window, per // 2))
+            steps = plan_steps(per, win, measured=windows or (4 if quick else 8))
+            o = engine_rate(recipe, stage, win, steps, per, name, workers)
         plain.append(plain_rate(loop, batches, window, repeats, warmup=0))
         near = plain[-2]["repeats"] + plain[-1]["repeats"]
         near_cpu = plain[-2]["step_cpu_s"] + plain[-1]["step_cpu_s"]
@@ -351,7 +381,8 @@ def measure(
         )
         ours[stage] = o
         progress(
-            f"{task} {label}: ZeRO {stage} {o['samples_per_s']:.1f} samples/s, {o['ratio']:.2f}x plain "
+            f"{task} {label}: {stage_label(o)} {o['samples_per_s']:.1f} samples/s a worker, "
+            f"{o['ratio']:.2f}x plain "
             f"{o['plain_samples_per_s']:.1f} (a step: compute {o['step_s'] * 1000:.0f} ms, data wait "
             f"{o['wait_s'] * 1000:.1f} ms; CPU time {o['cpu_ratio']:.2f}x; on a CPU {o['cpu_share']:.0%} of "
             f"the step, plain {o['plain_cpu_share']:.0%}; fit {o['fit_s']:.0f} s)"
@@ -450,11 +481,11 @@ def rows(result: dict) -> list[tuple[str, str, str]]:
                 f"{p['samples_per_s']:.1f} samples/s",
             )
         )
-        for stage, o in one["ours"].items():
+        for o in one["ours"].values():
             out.append(
                 (
                     task,
-                    f"{label}: ours ZeRO {stage}",
+                    f"{label}: ours {stage_label(o)}",
                     f"{o['samples_per_s']:.1f} samples/s ({o['ratio']:.2f}x; compute {o['compute_ratio']:.2f}x, "
                     f"CPU time {o['cpu_ratio']:.2f}x, best {o['best_ratio']:.2f}x; "
                     f"on CPU {o['cpu_share']:.0%} vs {o['plain_cpu_share']:.0%})",
@@ -493,7 +524,7 @@ def targets(result: dict) -> list[dict]:
     for one in result["runs"]:
         large = one["label"] != "tiny"
         bound = RATIO_LARGE if large else RATIO_TINY
-        for stage, o in one["ours"].items():
-            name = f"train ratio to plain PyTorch, {one['label']}, ZeRO {stage}"
+        for o in one["ours"].values():
+            name = f"train ratio to plain PyTorch, {one['label']}, {stage_label(o)}"
             out.append(target(name, one["task"], o["ratio"], bound))
     return out
