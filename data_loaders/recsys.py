@@ -1527,6 +1527,11 @@ READ_COLUMNS = [
 ]
 
 
+# rows a training consumer shuffles locally (iter_batches' local_shuffle_buffer_size): a few
+# blocks' worth of candidate lists, days and sessions in every batch
+SHUFFLE_BUFFER_ROWS = 4096
+
+
 def read_split(
     root: str,
     split: str,
@@ -1537,8 +1542,11 @@ def read_split(
 ) -> ray.data.Dataset:
     """A Ray Dataset of decoded ``split`` batches (keys as :func:`decode_batch`).
 
-    Shards and catalogue are checked first, so a corrupt file is named. ``shuffle`` shuffles rows
-    (training; it splits the candidate lists, which only val/test need).
+    Shards and catalogue are checked first, so a corrupt file is named. ``shuffle`` (training)
+    visits the blocks in a random order (``seed``); the consumer mixes rows across blocks with a
+    local shuffle buffer of :data:`SHUFFLE_BUFFER_ROWS` (it splits the candidate lists, which only
+    val/test need). A global ``random_shuffle`` per epoch cost an all-to-all barrier: 2.9 s to the
+    first batch instead of 0.24 s and half the rows/s on 2 cores (``deepfleet bench``).
     """
     import ray.data
 
@@ -1548,7 +1556,7 @@ def read_split(
     _check_catalogue(root, meta)
     ds = ray.data.read_parquet(paths).select_columns(READ_COLUMNS)
     if shuffle:
-        ds = ds.random_shuffle(seed=seed)
+        ds = ds.randomize_block_order(seed=seed)
     return ds.map_batches(
         decode_batch,
         fn_kwargs={

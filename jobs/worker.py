@@ -111,6 +111,21 @@ def validate(engine, task, recipe, shard, rank: int, world: int, device, dtype) 
     return metric.compute()
 
 
+def train_batches(shard, task, recipe: RecipeBase, epoch: int):
+    """An epoch's numpy micro-batches of this rank's training shard. A task that shuffles rows
+    (SHUFFLE_BUFFER_ROWS) gets a local shuffle buffer, seeded per epoch: a resumed epoch sees
+    the order it saw before, the next epoch another one."""
+    rows = getattr(task, "SHUFFLE_BUFFER_ROWS", None)
+    return shard.iter_batches(
+        batch_size=recipe.train.batch_size,
+        batch_format="numpy",
+        drop_last=True,
+        prefetch_batches=2,
+        local_shuffle_buffer_size=rows,
+        local_shuffle_seed=recipe.train.seed + epoch if rows else None,
+    )
+
+
 def save_and_report(engine, state: dict, metrics: dict, rank: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # every rank writes its own ZeRO shard; Ray gathers the rank directories into one checkpoint
@@ -195,9 +210,7 @@ def train_loop_per_worker(config: dict) -> None:
     while state["epoch"] < t.epochs and state["step"] < total_steps:
         tic, window_loss, window_steps = time.perf_counter(), 0.0, 0
         clock = StepClock()  # the window's time split: waiting for batches vs computing
-        batches = train_shard.iter_batches(
-            batch_size=t.batch_size, batch_format="numpy", drop_last=True, prefetch_batches=2
-        )
+        batches = train_batches(train_shard, task, recipe, state["epoch"])
         consumed = 0
         for batch in batches:
             clock.ready()

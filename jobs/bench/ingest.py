@@ -9,9 +9,9 @@ same Parquet shards by
                 the DataLoader's own collation)
     ray         our Ray Data pipeline: undecoded, ray.data.read_parquet of the shards with the
                 task's columns; decoded, the task's datasets(recipe, manifest)["train"] (what a
-                training run reads: decoding, augmentation, recsys's row shuffle; recsys also without
-                the shuffle), iterated with
-                iter_batches(batch_format="numpy", drop_last, prefetch_batches=2) as the worker does
+                training run reads: decoding, augmentation, recsys's random block order; recsys also
+                without it), iterated as the worker iterates an epoch (jobs.worker.train_batches:
+                numpy, drop_last, prefetch_batches=2, recsys's local shuffle buffer)
 
 each without and with decoding (the task's decode_batch with the training split's arguments), at
 the recipe's batch size. A timed call is one pass over the split's files listed EPOCHS_PER_PASS
@@ -150,6 +150,7 @@ def measure_task(recipe, quick: bool, progress: Callable[[str], None]) -> dict:
 
     from data_loaders.shards import iter_tables, readable_paths
     from jobs import tasks
+    from jobs.worker import train_batches
 
     task = tasks.get(recipe.task)
     manifest = task.prepare(recipe)
@@ -188,12 +189,14 @@ def measure_task(recipe, quick: bool, progress: Callable[[str], None]) -> dict:
 
     def ray_pipeline(decoded: bool):
         def make():
-            ds = train_ds if decoded else ray.data.read_parquet(paths).select_columns(columns)
-            return ds.iter_batches(batch_size=bs, batch_format="numpy", drop_last=decoded, prefetch_batches=2)
+            if decoded:  # what a training epoch reads, batched as the worker batches it
+                return train_batches(train_ds, task, recipe, epoch=0)
+            ds = ray.data.read_parquet(paths).select_columns(columns)
+            return ds.iter_batches(batch_size=bs, batch_format="numpy", prefetch_batches=2)
 
         return make
 
-    if recipe.task == "recsys":  # training shuffles rows each epoch: the same pipeline without it
+    if recipe.task == "recsys":  # training shuffles rows each epoch: the same pipeline without that
         from data_loaders import recsys as data
 
         unshuffled = data.read_split(recipe.data.root, "train", many)

@@ -5,6 +5,8 @@ A task module provides:
   LOWER_IS_BETTER                        those of them where lower is better (optional; val_loss always)
   REFERENCE_ROWS                         validation rows of the drift reference (optional; default
                                          jobs.export.REFERENCE_ROWS)
+  SHUFFLE_BUFFER_ROWS                    rows each training rank shuffles locally, reseeded every
+                                         epoch (optional; default: the split's order)
   prepare(recipe) -> manifest            generate or import the data into Parquet shards
   datasets(recipe, manifest) -> dict     Ray Datasets "train" and "val", decoded and augmented
   model_kwargs(recipe) -> dict           registry keyword arguments of the recipe's model (the

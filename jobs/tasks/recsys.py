@@ -28,6 +28,7 @@ from jobs.tasks import save_figure
 
 METRICS = ("auc", "ndcg10", "precision10", "cold_auc")
 TOP_K = 10
+SHUFFLE_BUFFER_ROWS = data.SHUFFLE_BUFFER_ROWS  # jobs.worker.train_batches: rows mixed locally
 
 
 def _meta(recipe: RecsysRecipe) -> dict:
@@ -76,8 +77,9 @@ def prepare(recipe: RecsysRecipe) -> dict:
 def datasets(recipe: RecsysRecipe, manifest: dict) -> dict:
     d = recipe.data
     return {
-        # rows shuffled before decoding: a training batch mixes queries, sessions and days (a fixed
-        # seed, so the same order every epoch and every run: resumed and repeated runs match)
+        # blocks in a random order, rows mixed by the worker's local shuffle buffer
+        # (SHUFFLE_BUFFER_ROWS): a batch mixes queries, sessions and days; fixed seeds, so
+        # resumed and repeated runs see the same order
         "train": data.read_split(d.root, "train", manifest, shuffle=True, seed=recipe.train.seed),
         # decoded once and kept in the object store for every epoch's validation
         "val": data.read_split(d.root, "val", manifest).materialize(),
