@@ -1,8 +1,14 @@
-"""One Ray cluster for the whole session; tiny recipes; every test has a timeout (pyproject)."""
+"""One Ray cluster for the whole session; tiny recipes; every test has a timeout (pyproject).
+
+Each task's tiny recipe is trained once per session, as it ships (session fixtures below): its
+own module checks that it learns, exports and resumes; test_serve serves the same exports. A
+fit costs ~30 s of fixed start-up on 2 cores before its first step, so the suite trains each
+recipe once rather than once per module that needs a trained model."""
 
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -35,3 +41,47 @@ def tiny_data(tmp_path_factory) -> Path:
     recipe = load_recipe(CONFIGS / "retinopathy.yaml", "tiny", [f"data.root={root}"])
     tasks.get("retinopathy").prepare(recipe)
     return root
+
+
+def _tiny(task: str, *sets: str):
+    from jobs.config import load_recipe
+
+    return load_recipe(CONFIGS / f"{task}.yaml", "tiny", list(sets))
+
+
+@pytest.fixture(scope="session")
+def retinopathy_run(ray_local, tiny_data, tmp_path_factory) -> dict:
+    """The README's main job: the tiny retinopathy recipe as it ships (2 workers, ZeRO 2), whole."""
+    from jobs.train import train
+
+    recipe = _tiny(
+        "retinopathy", f"data.root={tiny_data}", f"run.output_dir={tmp_path_factory.mktemp('runs')}"
+    )
+    assert recipe.scaling.num_workers == 2 and recipe.train.zero_stage == 2
+    return train(recipe)
+
+
+@pytest.fixture(scope="session")
+def autonomous_run(ray_local, tmp_path_factory) -> dict:
+    """`deepfleet train configs/autonomous.yaml --profile tiny` as it ships (2 workers, ZeRO 2)."""
+    from jobs.train import train
+
+    root = tmp_path_factory.mktemp("data") / "autonomous-tiny"
+    recipe = _tiny("autonomous", f"data.root={root}", f"run.output_dir={tmp_path_factory.mktemp('runs')}")
+    assert recipe.scaling.num_workers == 2 and recipe.train.zero_stage == 2
+    return train(recipe)
+
+
+@pytest.fixture(scope="session")
+def recsys_run(ray_local, tmp_path_factory) -> dict:
+    """The tiny recsys recipe as it ships (2 workers, ZeRO 2): data, hybrid fit, MF sibling fit, export."""
+    from jobs.train import train
+
+    root = tmp_path_factory.mktemp("recsys-data") / "tiny"
+    out = tmp_path_factory.mktemp("recsys-runs")
+    recipe = _tiny("recsys", f"data.root={root}", f"run.output_dir={out}")
+    assert recipe.scaling.num_workers == 2 and recipe.train.zero_stage == 2 and not recipe.scaling.use_gpu
+    tic = time.perf_counter()
+    summary = train(recipe)
+    summary["test_wall_s"] = time.perf_counter() - tic
+    return summary

@@ -28,18 +28,13 @@ def _data_root(summary: dict) -> str:
     ]
 
 
-@pytest.fixture(scope="module")
-def auto_run(ray_local, tmp_path_factory):
-    """`deepfleet train configs/autonomous.yaml --profile tiny` as it ships (2 workers, ZeRO 2)."""
-    from jobs.train import train
-
-    root = tmp_path_factory.mktemp("data") / "autonomous-tiny"
-    recipe = _recipe(root, tmp_path_factory.mktemp("runs"))
-    assert recipe.scaling.num_workers == 2 and recipe.train.zero_stage == 2
-    return train(recipe)
+@pytest.fixture
+def auto_run(autonomous_run) -> dict:
+    """The tiny recipe's run as it ships, trained once per session (conftest)."""
+    return autonomous_run
 
 
-@pytest.mark.timeout(1500)  # includes the module fixture: the whole tiny fit
+@pytest.mark.timeout(1500)  # includes the session fixture: the whole tiny fit
 def test_tiny_recipe_beats_every_baseline(auto_run):
     s, base = auto_run["metrics"], auto_run["baseline"]
     # the issue's bars: depth and lanes at most half the trivial predictor's error, mAP@0.5 >= 0.25

@@ -25,19 +25,10 @@ def _lines(run_dir: Path, kind: str) -> list[dict]:
     return [ln for ln in lines if ln["kind"] == kind]
 
 
-@pytest.fixture(scope="module")
-def tiny_run(ray_local, tiny_data, tmp_path_factory):
-    """The README's main job: the tiny recipe as it ships (2 workers, ZeRO 2), whole."""
-    from jobs.train import train
-
-    recipe = _recipe(tiny_data, tmp_path_factory.mktemp("runs"))
-    assert recipe.scaling.num_workers == 2 and recipe.train.zero_stage == 2
-    return train(recipe)
-
-
 @pytest.mark.timeout(900)
-def test_tiny_recipe_learns_the_hidden_rule(tiny_run):
-    s = tiny_run
+def test_tiny_recipe_learns_the_hidden_rule(retinopathy_run):
+    """The README's main job: the tiny recipe as it ships (2 workers, ZeRO 2), whole (conftest)."""
+    s = retinopathy_run
     assert s["metrics"]["kappa"] >= 0.6, s["metrics"]
     assert s["baseline"]["kappa"] == 0.0
     assert s["metrics"]["accuracy"] > s["baseline"]["accuracy"] + 0.1
@@ -57,10 +48,10 @@ def test_tiny_recipe_learns_the_hidden_rule(tiny_run):
 
 
 @pytest.mark.timeout(300)
-def test_export_loads_with_torch_alone_and_reproduces_validation(tiny_run, tmp_path):
+def test_export_loads_with_torch_alone_and_reproduces_validation(retinopathy_run, tmp_path):
     from jobs.evaluate import evaluate
 
-    s = tiny_run
+    s = retinopathy_run
     data_root = json.loads((Path(s["paths"]["model"]) / "model_card.json").read_text())["config"]["data"][
         "root"
     ]
@@ -73,10 +64,44 @@ def test_export_loads_with_torch_alone_and_reproduces_validation(tiny_run, tmp_p
     assert test["kappa"] >= 0.5
 
 
+# The ZeRO runs: the mechanics of the maths, not learning (the tiny run above shows that)
+ZERO_STEPS = 10
+ZERO_SETS = (
+    "train.log_every=1",
+    "train.trace_batches=true",
+    "data.augment=false",
+    "model.dropout=0.0",
+    "train.warmup_steps=5",
+    "train.grad_clip=0",
+)
+
+
+@pytest.fixture(scope="module")
+def zero_runs(ray_local, tiny_data, tmp_path_factory) -> dict:
+    """ZERO_STEPS steps of the tiny recipe with ZeRO 0-3 on 2 workers: per stage its recipe,
+    summary and progress lines (read here: the resume test continues the stage-2 run)."""
+    from jobs.train import train
+
+    out = tmp_path_factory.mktemp("zero")
+    runs = {}
+    for stage in (0, 1, 2, 3):
+        sets = (*ZERO_SETS, f"train.max_steps={ZERO_STEPS}", f"train.zero_stage={stage}")
+        recipe = _recipe(tiny_data, out, *sets, name=f"zero{stage}")
+        summary = train(recipe)
+        run_dir = Path(summary["paths"]["run_dir"])
+        runs[stage] = {
+            "recipe": recipe,
+            "summary": summary,
+            "setup": _lines(run_dir, "setup"),
+            "train": _lines(run_dir, "train"),
+        }
+    return runs
+
+
 @pytest.mark.timeout(900)
-def test_zero_stages_match_plain_pytorch(ray_local, tiny_data, tmp_path):
-    """20 steps with ZeRO 0-3 on 2 workers give the losses of a plain single-process loop over
-    the same global batches (each rank's half through its own forward, as DDP does).
+def test_zero_stages_match_plain_pytorch(zero_runs, tiny_data):
+    """ZERO_STEPS steps with ZeRO 0-3 on 2 workers give the losses of a plain single-process loop
+    over the same global batches (each rank's half through its own forward, as DDP does).
 
     Gradient clipping is off here, and only here: DeepSpeed divides gradients by the clip ratio
     where torch multiplies by its inverse, a 1-ulp difference per element that this early,
@@ -88,27 +113,15 @@ def test_zero_stages_match_plain_pytorch(ray_local, tiny_data, tmp_path):
 
     from data_loaders.retinopathy import decode_batch
     from jobs import tasks
-    from jobs.train import train
 
-    sets = (
-        "train.max_steps=20",
-        "train.log_every=1",
-        "train.trace_batches=true",
-        "data.augment=false",
-        "model.dropout=0.0",
-        "train.warmup_steps=5",
-        "train.grad_clip=0",
-    )
     runs = {}
-    for stage in (0, 1, 2, 3):
-        recipe = _recipe(tiny_data, tmp_path, *sets, f"train.zero_stage={stage}", name=f"zero{stage}")
-        summary = train(recipe)
-        run_dir = Path(summary["paths"]["run_dir"])
-        assert _lines(run_dir, "setup")[0]["zero_stage"] == stage
-        runs[stage] = _lines(run_dir, "train")
-        assert [ln["step"] for ln in runs[stage]] == list(range(1, 21))
+    for stage, run in zero_runs.items():
+        assert run["setup"][0]["zero_stage"] == stage
+        runs[stage] = run["train"]
+        assert [ln["step"] for ln in runs[stage]] == list(range(1, ZERO_STEPS + 1))
 
     # the plain loop: same recipe, same seed, the rows each step traced, torch only
+    recipe = zero_runs[3]["recipe"]
     task = tasks.get("retinopathy")
     table = pq.read_table([str(p) for p in sorted((tiny_data / "train").glob("*.parquet"))]).to_pydict()
     rows = dict(zip(table["image_id"], zip(table["image"], table["label"], strict=True), strict=True))
@@ -119,7 +132,7 @@ def test_zero_stages_match_plain_pytorch(ray_local, tiny_data, tmp_path):
         model = tasks.build_model(recipe)
         opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
         sched = get_cosine_with_min_lr_schedule_with_warmup(
-            opt, t.warmup_steps, 20, min_lr_rate=t.min_lr_ratio
+            opt, t.warmup_steps, ZERO_STEPS, min_lr_rate=t.min_lr_ratio
         )
         out = []
         for line in trace:
@@ -152,13 +165,16 @@ def test_zero_stages_match_plain_pytorch(ray_local, tiny_data, tmp_path):
 
 
 @pytest.mark.timeout(600)
-def test_same_name_resumes_from_its_last_checkpoint(ray_local, tiny_data, tmp_path):
+def test_same_name_resumes_from_its_last_checkpoint(zero_runs, tiny_data):
+    """The stage-2 run of ZERO_STEPS steps, started again by name with twice the budget."""
     from jobs.train import train
 
-    first = train(_recipe(tiny_data, tmp_path, "train.max_steps=6", "train.log_every=2", name="again"))
-    assert first["steps"] == 6 and first["restores"] == []
-    second = train(_recipe(tiny_data, tmp_path, "train.max_steps=12", "train.log_every=2", name="again"))
-    assert second["steps"] == 12 and second["restores"] == [6]
+    first = zero_runs[2]["summary"]
+    assert first["steps"] == ZERO_STEPS and first["restores"] == []
+    run_dir = Path(first["paths"]["run_dir"])
+    sets = (*ZERO_SETS, f"train.max_steps={2 * ZERO_STEPS}", "train.zero_stage=2")
+    second = train(_recipe(tiny_data, run_dir.parent, *sets, name=run_dir.name))
+    assert second["steps"] == 2 * ZERO_STEPS and second["restores"] == [ZERO_STEPS]
     assert second["samples"] == 2 * first["samples"]
     steps = [ln["step"] for ln in _lines(Path(second["paths"]["run_dir"]), "train")]
-    assert steps == [2, 4, 6, 8, 10, 12]  # the counter continues; nothing restarted from zero
+    assert steps == list(range(1, 2 * ZERO_STEPS + 1))  # the counter continues; nothing restarted from zero

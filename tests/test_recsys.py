@@ -5,7 +5,6 @@ it; the full flavour and its ZeRO-3 preset exist."""
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import numpy as np
@@ -25,21 +24,6 @@ def _recipe(profile: str, *sets: str):
 
 
 @pytest.fixture(scope="module")
-def tiny_run(ray_local, tmp_path_factory):
-    """The tiny recipe as it ships (2 workers, ZeRO 2): data, hybrid fit, MF sibling fit, export."""
-    from jobs.train import train
-
-    root = tmp_path_factory.mktemp("recsys-data") / "tiny"
-    out = tmp_path_factory.mktemp("recsys-runs")
-    recipe = _recipe("tiny", f"data.root={root}", f"run.output_dir={out}")
-    assert recipe.scaling.num_workers == 2 and recipe.train.zero_stage == 2 and not recipe.scaling.use_gpu
-    tic = time.perf_counter()
-    summary = train(recipe)
-    summary["test_wall_s"] = time.perf_counter() - tic
-    return summary
-
-
-@pytest.fixture(scope="module")
 def small_data(tmp_path_factory) -> Path:
     """A small synthetic dataset (seconds) for what needs a manifest but no training."""
     root = tmp_path_factory.mktemp("recsys-small") / "data"
@@ -53,9 +37,9 @@ def small_data(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.mark.timeout(1500)  # includes the module fixture: two fits (hybrid, then MF)
-def test_tiny_recipe_beats_matrix_factorisation_and_popularity(tiny_run):
-    s = tiny_run
+@pytest.mark.timeout(1500)  # includes the session fixture (conftest): two fits (hybrid, then MF)
+def test_tiny_recipe_beats_matrix_factorisation_and_popularity(recsys_run):
+    s = recsys_run
     m, pop, mf = s["metrics"], s["baseline"]["popularity"], s["baseline"]["mf"]
     print(f"tiny recipe in {s['test_wall_s']:.0f} s: {m}\npopularity {pop}\nMF {mf}")
     # wall time is printed, not asserted (it depends on the machine's load); README records it
@@ -83,10 +67,10 @@ def test_tiny_recipe_beats_matrix_factorisation_and_popularity(tiny_run):
 
 
 @pytest.mark.timeout(600)
-def test_export_and_evaluate_reproduce_validation_with_torch_alone(tiny_run, tmp_path):
+def test_export_and_evaluate_reproduce_validation_with_torch_alone(recsys_run, tmp_path):
     from jobs.evaluate import evaluate
 
-    s = tiny_run
+    s = recsys_run
     card = json.loads((Path(s["paths"]["model"]) / "model_card.json").read_text())
     data_root = card["config"]["data"]["root"]
     result = evaluate(s["paths"]["model"], data_root, split="val", out_dir=tmp_path, batch_size=512)
@@ -97,10 +81,10 @@ def test_export_and_evaluate_reproduce_validation_with_torch_alone(tiny_run, tmp
 
 
 @pytest.mark.timeout(600)
-def test_same_name_resumes_and_reuses_the_finished_mf_run(tiny_run):
+def test_same_name_resumes_and_reuses_the_finished_mf_run(recsys_run):
     from jobs.train import train
 
-    s = tiny_run
+    s = recsys_run
     mf_summary = Path(s["baseline"]["mf"]["run"]) / "summary.json"
     before = mf_summary.stat().st_mtime_ns
     card = json.loads((Path(s["paths"]["model"]) / "model_card.json").read_text())

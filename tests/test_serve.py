@@ -29,49 +29,29 @@ from tests.test_cli import deepfleet, one_line_error
 SERVE_CONFIG = CONFIGS / "serve" / "deepfleet.yaml"
 
 
-def _train(task: str, out: Path, *sets: str) -> Path:
-    """A tiny run of a few steps on one worker: enough for an exported model with a card."""
-    from jobs.config import load_recipe
-    from jobs.train import train
-
-    sets = (f"run.output_dir={out}", "scaling.num_workers=1", *sets)
-    summary = train(load_recipe(CONFIGS / f"{task}.yaml", "tiny", list(sets)))
-    return Path(summary["paths"]["model"])
+def _data_root(summary: dict) -> Path:
+    card = json.loads((Path(summary["paths"]["model"]) / "model_card.json").read_text())
+    return Path(card["config"]["data"]["root"])
 
 
 @pytest.fixture(scope="module")
-def registry(ray_local, tiny_data, tmp_path_factory) -> dict:
-    """Each task trained briefly, exported, registered and promoted; retinopathy gets a second
-    version (v2) to serve as the canary."""
+def registry(retinopathy_run, autonomous_run, recsys_run, tmp_path_factory) -> dict:
+    """Each task's tiny run (trained once per session, conftest) registered and promoted;
+    retinopathy gets a second version (v2) to serve as the canary. The registry's copies are
+    what the tests compare served answers with (the tasks' own modules resume their runs)."""
     from jobs.registry import Registry
 
     tmp = tmp_path_factory.mktemp("serve")
-    data = tmp / "data"
-    models = {
-        "retinopathy": _train("retinopathy", tmp, f"data.root={tiny_data}", "train.max_steps=8"),
-        "autonomous": _train(
-            "autonomous", tmp, f"data.root={data / 'autonomous'}", "data.num_samples=80", "train.max_steps=4"
-        ),
-        "recsys": _train(
-            "recsys",
-            tmp,
-            f"data.root={data / 'recsys'}",
-            "data.num_tracks=300",
-            "data.num_users=60",
-            "data.num_sessions=300",
-            "baselines.mf=false",
-            "train.max_steps=6",
-        ),  # fmt: skip
-    }
+    runs = {"retinopathy": retinopathy_run, "autonomous": autonomous_run, "recsys": recsys_run}
     reg = Registry(tmp / "registry")
-    for task, model_dir in models.items():
-        entry = reg.register(model_dir, test_metrics={}, lineage={"run": str(model_dir.parent)})
+    for task, run in runs.items():
+        entry = reg.register(run["paths"]["model"], test_metrics={}, lineage={"run": run["paths"]["run_dir"]})
         reg.set_stage(task, entry["version"], "production", "test")
-    reg.register(models["retinopathy"], test_metrics={}, lineage={"run": "canary"})  # v2
+    reg.register(retinopathy_run["paths"]["model"], test_metrics={}, lineage={"run": "canary"})  # v2
     return {
         "uri": str(tmp / "registry"),
-        "models": models,
-        "data": {"retinopathy": tiny_data, "autonomous": data / "autonomous", "recsys": data / "recsys"},
+        "models": {task: reg.fetch(task, "v1") for task in runs},
+        "data": {task: _data_root(run) for task, run in runs.items()},
         "tmp": tmp,
     }
 
@@ -132,7 +112,7 @@ def _post(served, task: str, body, **kw) -> requests.Response:
     return requests.post(f"{served['base']}/{task}/predict", json=body, timeout=60, **kw)
 
 
-@pytest.mark.timeout(1500)  # the first test pays for three tiny fits and the deployment
+@pytest.mark.timeout(1800)  # alone, the first test pays for the three tiny fits and the deployment
 def test_deepfleet_serve_answers_all_three_tasks(served):
     from data_loaders.retinopathy import preprocess_image
     from jobs.export import load_exported
