@@ -298,6 +298,7 @@ def engine_rate(
     return {
         "zero_stage": stage,
         "engine_zero_stage": setup["zero_stage"],  # what DeepSpeed ran (one rank: 0 unless offload)
+        "keep_freed_memory": setup.get("keep_freed_memory"),  # the worker's allocator (jobs.worker)
         "workers": workers,
         "samples_per_s": statistics.median(rates),
         "windows": rates,
