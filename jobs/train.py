@@ -114,15 +114,14 @@ def train(
     from ray.util.queue import Queue
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    import jobs.export  # noqa: F401  (see below)
-    from cluster.local import connect, worker_env
-    from jobs.tracking import Progress
-    from jobs.worker import train_loop_per_worker
-
     # jobs.export (finish) is imported before the run, not after it: a Ray job's driver runs in
     # the job's unpacked working directory, which Ray may delete and unpack afresh while the run
     # goes on (seen when a node is lost), and torch reads the working directory when it first
     # imports torch._dynamo (through torchvision): FileNotFoundError after a finished run.
+    import jobs.export  # noqa: F401
+    from cluster.local import connect, worker_env
+    from jobs.tracking import Progress
+    from jobs.worker import train_loop_per_worker
 
     task = tasks.get(recipe.task)
     # paths travel to workers on other nodes: make them absolute (shared storage on clusters)
