@@ -89,10 +89,19 @@ def sweep(ray_local, tmp_path_factory):
 
 
 @pytest.mark.timeout(1800)  # pays for the module fixture: a whole sweep, killed once
-def test_asha_stops_half_the_trials_and_the_best_beats_the_recipe_defaults(sweep):
+def test_asha_stops_trials_behind_their_peers_and_the_best_beats_the_recipe_defaults(sweep):
     s = sweep["summary"]
     assert s["num_trials"] == 8 and s["scheduler"] == "asha" and s["trials_at_once"] >= 1
-    assert s["stopped_early"] >= 4, [(t["trial_id"], t["epochs"]) for t in s["trials"]]
+    # Asynchronous ASHA stops a trial that reports below the median of those its rung has seen
+    # so far, so how many it stops depends on the order epochs finish in: 3 to 6 of 8 measured
+    # (3 in a CI run where low epoch-1 scores came first). Over random orders of 8 distinct
+    # scores, fewer than 2 stopped has probability ~0.1% (simulation, 200k orders).
+    epochs = [(t["trial_id"], t["epochs"]) for t in s["trials"]]
+    assert s["stopped_early"] >= 2 and s["trial_epochs"] <= s["num_trials"] * s["max_epochs"] - 2, epochs
+    scores = {(t["trial_id"], h["epoch"]): h["kappa"] for t in s["trials"] for h in t["history"]}
+    for t in (t for t in s["trials"] if t["stopped_early"]):
+        rung = [v for (trial, epoch), v in scores.items() if epoch == t["epochs"] and trial != t["trial_id"]]
+        assert t["metrics"]["kappa"] < max(rung), f"{t['trial_id']} was stopped ahead of every peer"
     assert not [t for t in s["trials"] if t["error"]]
     assert s["defaults"] is not None, "the recipe's own hyperparameters ran as a trial"
     best, defaults = s["best"], s["defaults"]
