@@ -129,18 +129,33 @@ def validate(engine, task, recipe, shard, rank: int, world: int, device, dtype) 
 
 
 def train_batches(shard, task, recipe: RecipeBase, epoch: int):
-    """An epoch's numpy micro-batches of this rank's training shard. A task that shuffles rows
-    (SHUFFLE_BUFFER_ROWS) gets a local shuffle buffer, seeded per epoch: a resumed epoch sees
-    the order it saw before, the next epoch another one."""
+    """An epoch's numpy micro-batches of this rank's training shard (whole batches only).
+
+    A task that shuffles rows (SHUFFLE_BUFFER_ROWS) gets them in windows of that many rows, each
+    permuted by a generator seeded with the recipe's seed and the epoch: a resumed epoch sees the
+    order it saw before, the next epoch another one. Ray Data's own local shuffle buffer does the
+    same mixing at a quarter of the speed on the training worker's thread (recsys, decoded rows,
+    consumer only: 100-140k rows/s against 490-530k, `deepfleet bench` notes)."""
     rows = getattr(task, "SHUFFLE_BUFFER_ROWS", None)
-    return shard.iter_batches(
-        batch_size=recipe.train.batch_size,
-        batch_format="numpy",
-        drop_last=True,
-        prefetch_batches=2,
-        local_shuffle_buffer_size=rows,
-        local_shuffle_seed=recipe.train.seed + epoch if rows else None,
-    )
+    size = recipe.train.batch_size
+    if not rows:
+        return shard.iter_batches(batch_size=size, batch_format="numpy", drop_last=True, prefetch_batches=2)
+    windows = shard.iter_batches(batch_size=rows, batch_format="numpy", prefetch_batches=1)
+    return shuffled(windows, size, np.random.default_rng([recipe.train.seed, epoch]))
+
+
+def shuffled(windows, size: int, rng: np.random.Generator):
+    """Batches of `size` rows drawn without replacement from each window in a random order; the
+    rows a window leaves over join the next one, the last ones of the epoch are dropped."""
+    left: dict | None = None
+    for window in windows:
+        if left:
+            window = {k: np.concatenate([left[k], v]) for k, v in window.items()}
+        order = rng.permutation(len(next(iter(window.values()))))
+        whole = len(order) - len(order) % size
+        for i in range(0, whole, size):
+            yield {k: v[order[i : i + size]] for k, v in window.items()}
+        left = {k: v[order[whole:]] for k, v in window.items()}
 
 
 def save_and_report(engine, state: dict, metrics: dict, rank: int) -> None:

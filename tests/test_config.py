@@ -43,6 +43,33 @@ def test_one_rank_runs_zero_stage_0_unless_it_offloads():
 
 
 @pytest.mark.timeout(30)
+def test_shuffled_windows_give_every_row_once_in_an_order_per_epoch():
+    import numpy as np
+
+    from jobs.worker import shuffled
+
+    def epoch(seed: int) -> list[dict]:
+        # windows of 10, 7 and 5 rows (a shard's last window is short), batches of 4
+        rows = np.arange(22)
+        windows = [{"id": rows[a:b], "x": rows[a:b] * 2.0} for a, b in ((0, 10), (10, 17), (17, 22))]
+        return list(shuffled(iter(windows), 4, np.random.default_rng([0, seed])))
+
+    first = epoch(0)
+    assert [len(b["id"]) for b in first] == [4] * 5  # 22 rows: 5 whole batches, 2 left at the end
+    ids = np.concatenate([b["id"] for b in first])
+    assert len(set(ids)) == 20 and all((b["x"] == b["id"] * 2.0).all() for b in first)  # rows stay whole
+    assert sorted(first[0]["id"]) != list(first[0]["id"]) or sorted(first[1]["id"]) != list(first[1]["id"])
+    assert set(first[0]["id"]) | set(first[1]["id"]) <= set(range(10))  # a window mixes its own rows
+    again, other = epoch(0), epoch(1)
+    assert all(
+        (a["id"] == b["id"]).all() for a, b in zip(first, again, strict=True)
+    )  # a resumed epoch: same order
+    assert any(
+        (a["id"] != b["id"]).any() for a, b in zip(first, other, strict=True)
+    )  # the next epoch: another
+
+
+@pytest.mark.timeout(30)
 def test_overrides_parse_as_yaml_and_reach_nested_fields():
     r = load_recipe(
         CONFIGS / "retinopathy.yaml", "tiny", ["train.lr=1e-3", "train.max_steps=7", "model.pretrained=null"]

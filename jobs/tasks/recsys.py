@@ -77,9 +77,9 @@ def prepare(recipe: RecsysRecipe) -> dict:
 def datasets(recipe: RecsysRecipe, manifest: dict) -> dict:
     d = recipe.data
     return {
-        # blocks in a random order, rows mixed by the worker's local shuffle buffer
-        # (SHUFFLE_BUFFER_ROWS): a batch mixes queries, sessions and days; fixed seeds, so
-        # resumed and repeated runs see the same order
+        # shards in a random order, rows mixed by the worker in windows of SHUFFLE_BUFFER_ROWS
+        # (jobs.worker.train_batches): a batch mixes queries, sessions and days; seeded by the
+        # recipe and the epoch, so a resumed epoch sees the order it saw before
         "train": data.read_split(d.root, "train", manifest, shuffle=True, seed=recipe.train.seed),
         # decoded once and kept in the object store for every epoch's validation
         "val": data.read_split(d.root, "val", manifest).materialize(),
