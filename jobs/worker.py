@@ -178,10 +178,35 @@ def restore(engine) -> dict:
     return state
 
 
-def train_loop_per_worker(config: dict) -> None:
+def build(recipe: RecipeBase, world: int, dtype_name: str, total_steps: int):
+    """The task's model, AdamW, warm-up + cosine schedule and the DeepSpeed engine around them
+    (call with the same torch seed on every rank)."""
     import deepspeed
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
+    t = recipe.train
+    model = tasks.build_model(recipe)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay
+    )
+    schedule = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total_steps, min_lr_rate=t.min_lr_ratio
+    )
+    engine, _, _, schedule = deepspeed.initialize(
+        model=model,
+        optimizer=optimizer,
+        lr_scheduler=schedule,
+        config=deepspeed_config(recipe, world, dtype_name),
+        dist_init_required=False,  # the process group is up already (Ray Train's)
+    )
+    # one rank at ZeRO 0 has no peer to average gradients with, yet DeepSpeed would flatten them,
+    # all-reduce over a group of one and copy them back every step (~1.3 ms of a 30 ms recsys
+    # step); ZeRO 1-3 reduce into their partitions there, so they keep it (ZeRO-Offload on one GPU)
+    engine.enable_backward_allreduce = world > 1 or engine.zero_optimization_stage() > 0
+    return engine, schedule
+
+
+def train_loop_per_worker(config: dict) -> None:
     # 1. setup
     recipe = recipe_from_dict(config["recipe"])
     task = tasks.get(recipe.task)
@@ -200,20 +225,7 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(t.seed)  # same initial weights on every rank (DeepSpeed also broadcasts rank 0's)
 
     # 2. build
-    model = tasks.build_model(recipe)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay
-    )
-    schedule = get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total_steps, min_lr_rate=t.min_lr_ratio
-    )
-    engine, optimizer, _, schedule = deepspeed.initialize(
-        model=model,
-        optimizer=optimizer,
-        lr_scheduler=schedule,
-        config=deepspeed_config(recipe, world, dtype_name),
-        dist_init_required=False,  # Ray Train already set up the process group
-    )
+    engine, schedule = build(recipe, world, dtype_name, total_steps)
 
     # 3. restore (after a worker failure, or when the same run name starts again)
     state = restore(engine)

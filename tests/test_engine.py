@@ -178,3 +178,53 @@ def test_same_name_resumes_from_its_last_checkpoint(zero_runs, tiny_data):
     assert second["samples"] == 2 * first["samples"]
     steps = [ln["step"] for ln in _lines(Path(second["paths"]["run_dir"]), "train")]
     assert steps == list(range(1, 2 * ZERO_STEPS + 1))  # the counter continues; nothing restarted from zero
+
+
+ONE_RANK = """
+import json, os, socket, sys
+import numpy as np, torch, torch.distributed as dist
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+dist.init_process_group("gloo", rank=0, world_size=1)
+from jobs.bench.train_step import PlainLoop
+from jobs.config import load_recipe
+from jobs.worker import build
+recipe = load_recipe(sys.argv[1], "tiny", ["model.dropout=0.0", "train.warmup_steps=2"])
+torch.set_num_threads(1)
+rng = np.random.default_rng(0)
+size = recipe.data.image_size
+batches = [{"image": rng.normal(size=(8, 3, size, size)).astype(np.float32), "label": rng.integers(0, 5, 8)}
+           for _ in range(4)]
+torch.manual_seed(recipe.train.seed)
+engine, _ = build(recipe, 1, "fp32", total_steps=10_000)
+ours = []
+for b in batches:
+    loss = torch.nn.functional.cross_entropy(engine(torch.as_tensor(b["image"])), torch.as_tensor(b["label"]))
+    engine.backward(loss); engine.step(); ours.append(loss.item())
+plain = PlainLoop(recipe)
+print(json.dumps({"ours": ours, "plain": [plain.step(b) for b in batches],
+                  "stage": engine.zero_optimization_stage(), "allreduce": engine.enable_backward_allreduce}))
+"""
+
+
+@pytest.mark.timeout(180)
+def test_one_rank_engine_steps_as_plain_pytorch():
+    """One rank runs ZeRO 0 and skips DeepSpeed's all-reduce over a group of one: its steps are
+    the plain loop's (same model, AdamW, schedule, clipping), to float rounding."""
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = subprocess.run(
+        [sys.executable, "-c", ONE_RANK, str(CONFIGS / "retinopathy.yaml")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=170,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert r["stage"] == 0 and r["allreduce"] is False
+    np.testing.assert_allclose(r["ours"], r["plain"], rtol=1e-4)
