@@ -135,7 +135,7 @@ def train_batches(shard, task, recipe: RecipeBase, epoch: int):
     permuted by a generator seeded with the recipe's seed and the epoch: a resumed epoch sees the
     order it saw before, the next epoch another one. Ray Data's own local shuffle buffer does the
     same mixing at a quarter of the speed on the training worker's thread (recsys, decoded rows,
-    consumer only: 100-140k rows/s against 490-530k, `deepfleet bench` notes)."""
+    consumer only, a one-off measurement: 100-140k rows/s against 490-530k)."""
     rows = getattr(task, "SHUFFLE_BUFFER_ROWS", None)
     size = recipe.train.batch_size
     if not rows:
