@@ -187,10 +187,12 @@ with socket.socket() as s:
     s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
 os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
 dist.init_process_group("gloo", rank=0, world_size=1)
+from jobs import tasks
 from jobs.bench.train_step import PlainLoop
 from jobs.config import load_recipe
 from jobs.worker import build
 recipe = load_recipe(sys.argv[1], "tiny", ["model.dropout=0.0", "train.warmup_steps=2"])
+task, cpu = tasks.get(recipe.task), torch.device("cpu")
 torch.set_num_threads(1)
 rng = np.random.default_rng(0)
 size = recipe.data.image_size
@@ -200,7 +202,7 @@ torch.manual_seed(recipe.train.seed)
 engine, _ = build(recipe, 1, "fp32", total_steps=10_000)
 ours = []
 for b in batches:
-    loss = torch.nn.functional.cross_entropy(engine(torch.as_tensor(b["image"])), torch.as_tensor(b["label"]))
+    loss = task.loss(recipe, engine(*task.inputs(b, cpu, torch.float32)), b, cpu)  # as the worker does
     engine.backward(loss); engine.step(); ours.append(loss.item())
 plain = PlainLoop(recipe)
 print(json.dumps({"ours": ours, "plain": [plain.step(b) for b in batches],

@@ -18,7 +18,8 @@ each without and with decoding (the task's decode_batch with the training split'
 the recipe's batch size. A timed call is one pass over the split's files listed EPOCHS_PER_PASS
 times (4 quick, 2 full): one pipeline start-up per pass, as a training epoch pays one;
 jobs.bench.median_rate gives rows/s of whole passes, start-up included; the median time to a
-pass's first batch and the rows/s after it (start-up left out) are reported beside it. The DataLoader's workers persist across passes.
+pass's first batch and the rows/s after it (start-up left out) are reported beside it. The
+DataLoader's workers persist across passes.
 MB/s counts Parquet bytes on disk (the split's file bytes per row). Training consumption is the
 plain PyTorch step of jobs.bench.train_step (samples/s on the recipe's thread count), measured here.
 """
