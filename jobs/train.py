@@ -101,13 +101,16 @@ def train(
     callbacks: list | None = None,
     echo: bool = True,
     export: bool = True,
+    turns=None,
 ) -> dict | None:
     """Run (or resume) the recipe's training; returns the summary that is also written to summary.json.
 
     callbacks: extra Ray Train callbacks (a Tune trial passes Tune's report callback);
     echo: print progress (a Tune trial leaves that to the sweep's own lines);
     export: export the model and write summary.json (`finish`); a Tune trial leaves that to the
-    sweep, which exports its best trial only (the scheduler may stop a trial at any report)."""
+    sweep, which exports its best trial only (the scheduler may stop a trial at any report);
+    turns: before each epoch and after the last, rank 0 calls turns.hand_over(step) and every
+    rank waits until it returns (deepfleet bench times its plain PyTorch loop there: jobs.bench.train_step.Turns)."""
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -161,6 +164,7 @@ def train(
             "total_steps": total_steps,
             "run_dir": str(run_dir),
             "progress": progress,
+            "turns": turns,
         },
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(

@@ -158,6 +158,17 @@ def shuffled(windows, size: int, rng: np.random.Generator):
         left = {k: v[order[whole:]] for k, v in window.items()}
 
 
+def hand_over(turns, rank: int, step: int) -> None:
+    """Before each epoch and after the last, with no input pipeline running, lend the machine to
+    whoever holds `turns` (deepfleet bench times its plain PyTorch loop there:
+    jobs.bench.train_step.Turns) and wait until it is handed back, every rank together."""
+    if turns is None:
+        return
+    if rank == 0:
+        turns.hand_over(step)
+    dist.barrier()
+
+
 def save_and_report(engine, state: dict, metrics: dict, rank: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # every rank writes its own ZeRO shard; Ray gathers the rank directories into one checkpoint
@@ -259,6 +270,7 @@ def train_loop_per_worker(config: dict) -> None:
     global_batch = t.batch_size * t.grad_accum * world
     metrics: dict = {}
     while state["epoch"] < t.epochs and state["step"] < total_steps:
+        hand_over(config.get("turns"), rank, state["step"])
         tic, window_loss, window_steps = time.perf_counter(), 0.0, 0
         clock = StepClock()  # the window's time split: waiting for batches vs computing
         batches = train_batches(train_shard, task, recipe, state["epoch"])
@@ -315,6 +327,7 @@ def train_loop_per_worker(config: dict) -> None:
         if rank == 0:
             _send(progress, {"kind": "val", "step": state["step"], "epoch": state["epoch"], **metrics})
         save_and_report(engine, state, metrics, rank)
+    hand_over(config.get("turns"), rank, state["step"])
     logger.summary(metrics)
     logger.finish()
     if rank == 0:

@@ -155,11 +155,15 @@ def test_zero_stages_match_plain_pytorch(zero_runs, tiny_data):
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
+    replayed: dict[str, list[float]] = {}  # stages that saw the same rows share one replay
     try:
         for stage, trace in runs.items():
             ours = [ln["loss"] for ln in trace]
             assert ours[-1] < ours[0] - 0.1, ours  # real steps: the loss moved
-            np.testing.assert_allclose(ours, plain_losses(trace), rtol=1e-4, err_msg=f"ZeRO stage {stage}")
+            key = json.dumps([ln["batch_ids"] for ln in trace])
+            if key not in replayed:
+                replayed[key] = plain_losses(trace)
+            np.testing.assert_allclose(ours, replayed[key], rtol=1e-4, err_msg=f"ZeRO stage {stage}")
     finally:
         torch.set_num_threads(threads)
 

@@ -13,14 +13,20 @@ and torch thread count (Ray gives a 1-CPU worker one thread; the plain loop sets
            (samples/s from the window's wall clock: waiting for batches, forward, loss,
            backward, step, the loss all-reduce and the W&B/progress line). The first window
            of the run and the first of every epoch (Ray Data's pipeline start) are warm-up;
-           validation and checkpoints fall outside the windows. The median of the windows.
+           validation and checkpoints fall outside the windows.
            The window's split (`step_s` compute, `wait_s` waiting for data) is kept too.
     plain  one process, the same decoded batches held in memory (the task's iter_split):
            model.train(); forward, loss, zero_grad, backward, clip_grad_norm_ (the recipe's
            grad_clip), AdamW step (the recipe's lr and weight decay), warm-up + cosine schedule
-           step, as the worker builds them. jobs.bench.median_rate over runs of one window's
-           steps, measured before and after our runs (the median of both, against drift in
-           the machine's load).
+           step, as the worker builds them.
+
+The two sides take turns (Turns): before each of our epochs and after the last, while no input
+pipeline runs, rank 0 lends the machine to the driver, which times the plain loop (a warm-up
+window, then the median of several), then hands it back. Each of our steady windows is divided by the mean of
+the plain measurements just before and just after its epoch, and the ratio is the median of
+those: a drift in the machine's load (other users, other processes; single runs measured a
+minute apart scattered +-0.15 here) moves both sides alike, while the plain loop still runs on
+a quiet machine and ours pays for the decoding its pipeline does beside it.
 
 Utilisation: training FLOPs per sample (torch.utils.flop_counter on one forward + loss +
 backward), times our samples/s, over the peak of torch.mm on large square matrices at the same
@@ -37,6 +43,7 @@ import itertools
 import json
 import shutil
 import statistics
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -135,21 +142,71 @@ def with_threads(threads: int, fn: Callable):
 
 
 def plain_rate(loop: PlainLoop, batches: list[dict], steps: int, repeats: int, warmup: int = 1) -> dict:
-    """Samples/s of `steps` plain steps over the in-memory batches (jobs.bench.median_rate),
-    with the CPU seconds a step took on this thread (other processes barely move those)."""
-    cycle = itertools.cycle(batches)
-    size = loop.recipe.train.batch_size
-    cpu: list[float] = []
+    """Samples/s of `steps` plain steps over the in-memory batches: the median of `repeats` timed
+    windows after `warmup` untimed ones, with the CPU seconds a step took on this thread (other
+    processes barely move those)."""
+    for _ in range(warmup):
+        plain_window(loop, batches, steps)
+    windows = [plain_window(loop, batches, steps) for _ in range(repeats)]
+    rates = [w["samples_per_s"] for w in windows]
+    return {
+        "median": statistics.median(rates),
+        "repeats": rates,
+        "step_cpu_s": [w["step_cpu_s"] for w in windows],
+    }
 
-    def run() -> int:
-        tic = time.thread_time()
+
+def plain_window(loop: PlainLoop, batches: list[dict], steps: int) -> dict:
+    """One timed window of `steps` plain steps, cycling over the batches: samples/s and the CPU
+    seconds a step took on this thread, at the recipe's thread count."""
+
+    def run() -> dict:
+        cycle = itertools.cycle(batches)
+        tic, cpu = time.perf_counter(), time.thread_time()
         for _ in range(steps):
             loop.step(next(cycle))
-        cpu.append((time.thread_time() - tic) / steps)
-        return steps * size
+        wall, cpu = time.perf_counter() - tic, time.thread_time() - cpu
+        return {"samples_per_s": steps * loop.recipe.train.batch_size / wall, "step_cpu_s": cpu / steps}
 
-    rate = with_threads(threads_of(loop.recipe), lambda: median_rate(run, repeats=repeats, warmup=warmup))
-    return {**rate, "step_cpu_s": cpu[warmup:]}
+    return with_threads(threads_of(loop.recipe), run)
+
+
+TURN_TIMEOUT_S = 600  # a side that waits longer for its turn: the other one is gone
+
+
+class Turns:
+    """Our engine and the plain loop take turns on the machine. Before each epoch and after the
+    last, rank 0 calls hand_over(step) and every rank waits (jobs.worker.hand_over); the driver's thread in serve()
+    times the plain loop meanwhile, then hands the machine back. Picklable: it travels in the
+    worker's config."""
+
+    def __init__(self):
+        from ray.util.queue import Queue
+
+        self._over, self._back = Queue(actor_options={"num_cpus": 0}), Queue(actor_options={"num_cpus": 0})
+
+    def hand_over(self, step: int) -> None:
+        """Worker side: an epoch starting after `step` waits until the plain loop's turn is over."""
+        self._over.put(step)
+        self._back.get(timeout=TURN_TIMEOUT_S)
+
+    def serve(self, play: Callable[[], dict], stop: threading.Event) -> dict[int, dict]:
+        """Driver side, until `stop`: play() at each hand-over; its results by the step it came at."""
+        from ray.util.queue import Empty
+
+        played: dict[int, dict] = {}
+        while not stop.is_set():
+            try:
+                step = self._over.get(timeout=0.2)
+            except Empty:
+                continue
+            played[step] = play()
+            self._back.put(True)
+        return played
+
+    def close(self) -> None:
+        self._over.shutdown()
+        self._back.shutdown()
 
 
 def count_flops(model, inputs: tuple, loss_fn: Callable, batch_size: int) -> dict:
@@ -264,10 +321,19 @@ def workers_for(stage: int, quick: bool) -> int:
 
 
 def engine_rate(
-    recipe, stage: int, window: int, max_steps: int, per_epoch: int, run_name: str, workers: int = 1
+    recipe,
+    stage: int,
+    window: int,
+    max_steps: int,
+    per_epoch: int,
+    run_name: str,
+    plain: Callable[[], dict],
+    workers: int = 1,
 ) -> dict:
-    """Run our engine (`workers` workers, ZeRO `stage`) and read its steady-state rate per worker
-    from the progress windows it recorded in metrics.jsonl."""
+    """Run our engine (`workers` workers, ZeRO `stage`), taking turns with plain() (the plain
+    loop's rate: {"median", "repeats", "step_cpu_s"}) before each epoch and after the last; our
+    steady-state rate per worker comes from the progress windows the run recorded in
+    metrics.jsonl, each against the plain turns on either side of its epoch."""
     from jobs.config import with_values
     from jobs.train import train
 
@@ -285,8 +351,16 @@ def engine_rate(
         "bench",
     )
     shutil.rmtree(r.run_dir, ignore_errors=True)  # a fresh run, never a resumed one
+    turns, stop, played = Turns(), threading.Event(), {}
+    server = threading.Thread(target=lambda: played.update(turns.serve(plain, stop)), daemon=True)
+    server.start()
     tic = time.perf_counter()
-    train(r, echo=False, export=False)
+    try:
+        train(r, echo=False, export=False, turns=turns)
+    finally:
+        stop.set()
+        server.join()
+        turns.close()
     fit_s = time.perf_counter() - tic
     lines = [json.loads(ln) for ln in (r.run_dir / "metrics.jsonl").read_text().splitlines()]
     setup = next(ln for ln in lines if ln["kind"] == "setup")
@@ -294,6 +368,13 @@ def engine_rate(
     if not windows:
         raise RuntimeError(f"no steady-state progress window in {r.run_dir / 'metrics.jsonl'}")
     rates = [ln["samples_per_s"] / workers for ln in windows]  # a progress line counts all ranks
+    # the plain turns around each window: the one its epoch started after, the next one
+    starts = sorted(played)
+    around = [
+        (played[max(k for k in starts if k < ln["step"])], played[min(k for k in starts if k >= ln["step"])])
+        for ln in windows
+    ]
+    plain_near = [(a["median"] + b["median"]) / 2 for a, b in around]
     size = r.train.batch_size
     return {
         "zero_stage": stage,
@@ -302,6 +383,9 @@ def engine_rate(
         "workers": workers,
         "samples_per_s": statistics.median(rates),
         "windows": rates,
+        "plain_turns": {str(k): played[k] for k in starts},
+        "plain_near": plain_near,
+        "window_ratios": [a / p for a, p in zip(rates, plain_near, strict=True)],
         "window_steps": window,
         "steps": max_steps,
         # the window's time split per step: compute (forward, loss, backward, step) and data wait
@@ -331,14 +415,8 @@ def measure(
     batches = memory_batches(recipe)
     loop = PlainLoop(recipe)
 
-    def one_pass() -> float:
-        tic = time.perf_counter()
-        for b in batches:
-            loop.step(b)
-        return (time.perf_counter() - tic) / len(batches)
-
-    with_threads(threads_of(recipe), one_pass)  # warm-up
-    step_s = with_threads(threads_of(recipe), one_pass)
+    plain_window(loop, batches, len(batches))  # warm-up
+    step_s = size / plain_window(loop, batches, len(batches))["samples_per_s"]
     manifest = tasks.get(task).prepare(recipe)
     one = recipe.model_copy(deep=True)
     one.scaling.num_workers = 1
@@ -346,39 +424,43 @@ def measure(
     # one step's time sets the window: ~1 s (quick) or ~2 s of steps per progress line, and at
     # least two windows an epoch
     window = max(1, min(round((1.0 if quick else 2.0) / step_s), per_epoch // 2))
-    max_steps = plan_steps(per_epoch, window, measured=windows or (4 if quick else 8))
-    repeats = 3 if quick else 5
-    # plain repeats before and after every fit: each stage is compared with the plain loop
-    # measured next to it in time (the load of a shared machine drifts)
-    plain = [plain_rate(loop, batches, window, repeats)]
-    progress(f"{task} {label}: plain {plain[0]['median']:.1f} samples/s ({step_s * 1000:.0f} ms a step)")
+    repeats = 3 if quick else 5  # plain windows a turn
+    progress(f"{task} {label}: plain {size / step_s:.1f} samples/s ({step_s * 1000:.0f} ms a step)")
     ours = {}
     for stage in stages:
         name = f"{task}-{label.replace(' ', '')}-zero{stage}"
         workers = workers_for(stage, quick)
-        if workers == 1:
-            o = engine_rate(recipe, stage, window, max_steps, per_epoch, name)
-        else:  # each rank gets 1/workers of the rows: fewer steps an epoch
+        per, win = per_epoch, window
+        if workers > 1:  # each rank gets 1/workers of the rows: fewer steps an epoch
             multi = one.model_copy(deep=True)
             multi.scaling.num_workers = workers
             per, _ = engine_plan(multi, manifest)
             win = max(1, min(window, per // 2))
-            steps = plan_steps(per, win, measured=windows or (4 if quick else 8))
-            o = engine_rate(recipe, stage, win, steps, per, name, workers)
-        plain.append(plain_rate(loop, batches, window, repeats, warmup=0))
-        near = plain[-2]["repeats"] + plain[-1]["repeats"]
-        near_cpu = plain[-2]["step_cpu_s"] + plain[-1]["step_cpu_s"]
-        o["plain_samples_per_s"] = statistics.median(near)
-        o["ratio"] = o["samples_per_s"] / o["plain_samples_per_s"]
+        steps = plan_steps(per, win, measured=windows or (4 if quick else 8))
+        o = engine_rate(
+            recipe,
+            stage,
+            win,
+            steps,
+            per,
+            name,
+            lambda n=win: plain_rate(loop, batches, n, repeats, 1),
+            workers,
+        )
+        o["plain_samples_per_s"] = statistics.median(o["plain_near"])
+        o["ratio"] = statistics.median(o["window_ratios"])
         o["compute_ratio"] = o["compute_samples_per_s"] / o["plain_samples_per_s"]
-        o["cpu_ratio"] = statistics.median(near_cpu) / o["step_cpu_s"]
-        # the fastest window against the fastest plain repeat: both near their unloaded speed
-        o["best_ratio"] = max(o["windows"]) / max(near)
+        plain_cpu = statistics.median(x for turn in o["plain_turns"].values() for x in turn["step_cpu_s"])
+        o["cpu_ratio"] = plain_cpu / o["step_cpu_s"]
+        # the fastest window against the fastest plain one: both near their unloaded speed
+        o["best_ratio"] = max(o["windows"]) / max(x for t in o["plain_turns"].values() for x in t["repeats"])
         # the share of a step's wall time its thread was on a CPU: well below 1, other processes
         # (ours or other users') had the cores, and wall-clock ratios carry that load
         o["cpu_share"] = o["step_cpu_s"] / o["step_s"]
-        o["plain_cpu_share"] = (
-            statistics.median(near_cpu) * o["plain_samples_per_s"] / recipe.train.batch_size
+        o["plain_cpu_share"] = statistics.median(
+            c * r / size
+            for t in o["plain_turns"].values()
+            for c, r in zip(t["step_cpu_s"], t["repeats"], strict=True)
         )
         ours[stage] = o
         progress(
@@ -388,8 +470,9 @@ def measure(
             f"{o['wait_s'] * 1000:.1f} ms; CPU time {o['cpu_ratio']:.2f}x; on a CPU {o['cpu_share']:.0%} of "
             f"the step, plain {o['plain_cpu_share']:.0%}; fit {o['fit_s']:.0f} s)"
         )
-    repeats_all = [x for p in plain for x in p["repeats"]]
-    cpu_all = [x for p in plain for x in p["step_cpu_s"]]
+    turns = [turn for o in ours.values() for turn in o["plain_turns"].values()]
+    repeats_all = [x for turn in turns for x in turn["repeats"]]
+    cpu_all = [x for turn in turns for x in turn["step_cpu_s"]]
     plain_result = {
         "samples_per_s": statistics.median(repeats_all),
         "repeats": repeats_all,
@@ -459,8 +542,10 @@ def run(tasks: list[str], quick: bool, work_dir: Path, progress: Callable[[str],
             "(Ray Data wait + forward/loss/backward/DeepSpeed step + loss all-reduce + progress line); "
             "first window and each epoch's first window left out; validation and checkpoints outside",
             "plain": "one process, in-memory decoded batches: forward, loss, zero_grad, backward, "
-            "clip_grad_norm_, AdamW step, schedule step; each stage against the median of the repeats "
-            "just before and just after its run",
+            "clip_grad_norm_, AdamW step, schedule step; timed (median of windows of as many steps) "
+            "after a warm-up window, before each of our epochs and after the last while our workers "
+            "wait with no pipeline running; the ratio is the median of our steady windows / the mean of the plain turns around "
+            "their epoch",
             "flops": "torch.utils.flop_counter on one forward + loss + backward, per sample",
             "peak": "torch.mm of n x n matrices at the same thread count, before and after the runs",
         },
