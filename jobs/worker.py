@@ -119,7 +119,8 @@ def validate(engine, task, recipe, shard, rank: int, world: int, device, dtype) 
     metric = task.metrics(recipe).to(device)
     # The validation split is not split by Ray: every rank sees every batch (the same count),
     # scores its hashed share of rows, and torchmetrics sums the states across ranks.
-    for batch in shard.iter_batches(batch_size=recipe.train.batch_size, batch_format="numpy"):
+    size = recipe.train.eval_batch_size or recipe.train.batch_size
+    for batch in shard.iter_batches(batch_size=size, batch_format="numpy"):
         part = _select(batch, _mine(task.sample_ids(batch), rank, world))
         output = engine(*task.inputs(part, device, dtype))
         if not part.get("_discard"):
