@@ -110,7 +110,8 @@ def train(
     export: export the model and write summary.json (`finish`); a Tune trial leaves that to the
     sweep, which exports its best trial only (the scheduler may stop a trial at any report);
     turns: before each epoch and after the last, rank 0 calls turns.hand_over(step) and every
-    rank waits until it returns (deepfleet bench times its plain PyTorch loop there: jobs.bench.train_step.Turns)."""
+    rank waits until it returns (deepfleet bench times its plain PyTorch loop there:
+    jobs.bench.train_step.Turns)."""
     import ray
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer

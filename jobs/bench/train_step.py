@@ -22,11 +22,11 @@ and torch thread count (Ray gives a 1-CPU worker one thread; the plain loop sets
 
 The two sides take turns (Turns): before each of our epochs and after the last, while no input
 pipeline runs, rank 0 lends the machine to the driver, which times the plain loop (a warm-up
-window, then the median of several), then hands it back. Each of our steady windows is divided by the mean of
-the plain measurements just before and just after its epoch, and the ratio is the median of
-those: a drift in the machine's load (other users, other processes; single runs measured a
-minute apart scattered +-0.15 here) moves both sides alike, while the plain loop still runs on
-a quiet machine and ours pays for the decoding its pipeline does beside it.
+window, then the median of several), then hands it back. Each of our steady windows is divided
+by the mean of the plain measurements just before and just after its epoch, and the ratio is
+the median of those: a drift in the machine's load (other users, other processes; single runs
+measured a minute apart scattered +-0.15 here) moves both sides alike, while the plain loop
+still runs on a quiet machine and ours pays for the decoding its pipeline does beside it.
 
 Utilisation: training FLOPs per sample (torch.utils.flop_counter on one forward + loss +
 backward), times our samples/s, over the peak of torch.mm on large square matrices at the same
@@ -176,9 +176,9 @@ TURN_TIMEOUT_S = 600  # a side that waits longer for its turn: the other one is 
 
 class Turns:
     """Our engine and the plain loop take turns on the machine. Before each epoch and after the
-    last, rank 0 calls hand_over(step) and every rank waits (jobs.worker.hand_over); the driver's thread in serve()
-    times the plain loop meanwhile, then hands the machine back. Picklable: it travels in the
-    worker's config."""
+    last, rank 0 calls hand_over(step) and every rank waits (jobs.worker.hand_over); the driver's
+    thread in serve() times the plain loop meanwhile, then hands the machine back. Picklable: it
+    travels in the worker's config."""
 
     def __init__(self):
         from ray.util.queue import Queue
@@ -544,8 +544,8 @@ def run(tasks: list[str], quick: bool, work_dir: Path, progress: Callable[[str],
             "plain": "one process, in-memory decoded batches: forward, loss, zero_grad, backward, "
             "clip_grad_norm_, AdamW step, schedule step; timed (median of windows of as many steps) "
             "after a warm-up window, before each of our epochs and after the last while our workers "
-            "wait with no pipeline running; the ratio is the median of our steady windows / the mean of the plain turns around "
-            "their epoch",
+            "wait with no pipeline running; the ratio is the median of our steady windows / the mean "
+            "of the plain turns around their epoch",
             "flops": "torch.utils.flop_counter on one forward + loss + backward, per sample",
             "peak": "torch.mm of n x n matrices at the same thread count, before and after the runs",
         },
