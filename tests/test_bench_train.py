@@ -97,7 +97,7 @@ def test_train_section_measures_both_sides(ray_local, small):
     lines: list[str] = []
     one = train_step.measure(small, "tiny", (small.train.zero_stage,), True, lines.append, windows=2)
     plain, ours = one["plain"], one["ours"][str(small.train.zero_stage)]
-    # the plain loop took its turns before each of our epochs and after the run (3 windows each)
+    # the plain loop took its turns before each of our epochs and after the last (3 windows each)
     turns = ours["plain_turns"]
     assert len(turns) >= 2 and "0" in turns and all(len(t["repeats"]) == 3 for t in turns.values())
     assert plain["samples_per_s"] > 0 and plain["threads"] == 1 and len(plain["repeats"]) == 3 * len(turns)
