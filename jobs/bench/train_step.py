@@ -444,23 +444,21 @@ def measure(
             steps,
             per,
             name,
-            lambda n=win: plain_rate(loop, batches, n, repeats, 1),
+            lambda n=win: plain_rate(loop, batches, n, repeats),
             workers,
         )
         o["plain_samples_per_s"] = statistics.median(o["plain_near"])
         o["ratio"] = statistics.median(o["window_ratios"])
         o["compute_ratio"] = o["compute_samples_per_s"] / o["plain_samples_per_s"]
-        plain_cpu = statistics.median(x for turn in o["plain_turns"].values() for x in turn["step_cpu_s"])
-        o["cpu_ratio"] = plain_cpu / o["step_cpu_s"]
+        turns = list(o["plain_turns"].values())
+        o["cpu_ratio"] = statistics.median(x for t in turns for x in t["step_cpu_s"]) / o["step_cpu_s"]
         # the fastest window against the fastest plain one: both near their unloaded speed
-        o["best_ratio"] = max(o["windows"]) / max(x for t in o["plain_turns"].values() for x in t["repeats"])
+        o["best_ratio"] = max(o["windows"]) / max(x for t in turns for x in t["repeats"])
         # the share of a step's wall time its thread was on a CPU: well below 1, other processes
         # (ours or other users') had the cores, and wall-clock ratios carry that load
         o["cpu_share"] = o["step_cpu_s"] / o["step_s"]
         o["plain_cpu_share"] = statistics.median(
-            c * r / size
-            for t in o["plain_turns"].values()
-            for c, r in zip(t["step_cpu_s"], t["repeats"], strict=True)
+            c * r / size for t in turns for c, r in zip(t["step_cpu_s"], t["repeats"], strict=True)
         )
         ours[stage] = o
         progress(
