@@ -407,7 +407,8 @@ def measure(
     windows: int | None = None,
 ) -> dict:
     """Plain loop and our engine at the recipe's size, for each ZeRO stage (`windows`: steady
-    progress windows to time; default 4 quick, 8 full)."""
+    progress windows to time; default 8: the ratio is their median, and the host's speed drifts by
+    5-10% between windows, so 4 left the median a window's luck)."""
     from jobs import tasks
     from jobs.train import plan_steps as engine_plan
 
@@ -436,7 +437,7 @@ def measure(
             multi.scaling.num_workers = workers
             per, _ = engine_plan(multi, manifest)
             win = max(1, min(window, per // 2))
-        steps = plan_steps(per, win, measured=windows or (4 if quick else 8))
+        steps = plan_steps(per, win, measured=windows or 8)
         o = engine_rate(
             recipe,
             stage,
