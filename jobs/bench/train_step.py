@@ -407,8 +407,9 @@ def measure(
     windows: int | None = None,
 ) -> dict:
     """Plain loop and our engine at the recipe's size, for each ZeRO stage (`windows`: steady
-    progress windows to time; default 8: the ratio is their median, and the host's speed drifts by
-    5-10% between windows, so 4 left the median a window's luck)."""
+    progress windows to time; default 8: the ratio is their median, and the host's speed drifts
+    within one run (one quick run's plain turns: 7,400-10,500 samples/s on recsys), so 4 left the
+    median a window's luck)."""
     from jobs import tasks
     from jobs.train import plan_steps as engine_plan
 
