@@ -381,6 +381,60 @@ def canary(
 
 @app.command()
 @user_facing
+def plan(
+    config: Config,
+    profile: Profile = None,
+    set_: Sets = None,
+    gpu_memory: Annotated[float, typer.Option(help="Memory of one GPU in GB (80: an H100).")] = 80.0,
+    gpus: Annotated[int, typer.Option(help="GPUs a node (host memory is per node).")] = 8,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
+):
+    """Memory plan before a long run: model states and activations per GPU, GPUs needed, host memory."""
+    from jobs.plan import GB, HEADROOM
+    from jobs.plan import plan as make
+
+    p = make(_recipe(config, profile, set_), gpu_memory * GB, gpus)
+    if as_json:
+        out.print_json(data=p)
+        return
+    n, a, g, h = p["parameters"], p["activations"], p["gpu"], p["host"]
+    out.print(
+        f"{p['task']} ({p['profile'] or 'top level'}): {p['model']}, {n['total'] / 1e6:,.1f}M parameters "
+        f"({n['trainable'] / 1e6:,.1f}M trainable); {p['dtype']} compute, fp32 weights, gradients and "
+        "AdamW states",
+        highlight=False,
+    )
+    offload = " + offload to host" if p["offload"] == "cpu" and p["zero_stage"] else ""
+    table = Table(title=f"GB per GPU at ZeRO {p['zero_stage']}{offload} over {p['world']} GPUs")
+    for col in ("", "GPU", "host"):
+        table.add_column(col, justify="right" if col else "left")
+    per = f"{a['per_sample'] / 1e6:,.1f} MB a sample + {a['per_step'] / 1e6:,.1f} MB a step"
+    labels = {
+        "weights": "weights",
+        "gathered layer": "gathered layer (ZeRO 3)",
+        "gradients": "gradients",
+        "optimizer": "optimizer (fp32 master, AdamW)",
+        "activations": f"activations (batch {a['batch_size']}: {per})",
+        "headroom": f"headroom ({HEADROOM:.0%})",
+        "total": "total",
+    }
+    for key, label in labels.items():
+        table.add_row(label, f"{g[key] / GB:,.2f}", f"{h[key] / GB:,.2f}" if key in h else "")
+    out.print(table)
+    verdict = "fit" if p["fits"] else f"do not fit ({g['total'] / GB:,.1f} GB)"
+    needed = f"needs {p['gpus_needed']}" if p["gpus_needed"] else f"does not fit on any number up to 1024"
+    out.print(
+        f"GPUs of {gpu_memory:g} GB: {needed}; the recipe's {p['world']} workers {verdict}\n"
+        f"host memory per node: {p['gpus_per_node']} GPUs x {h['per gpu'] / GB:,.2f} GB = "
+        f"{h['per node'] / GB:,.1f} GB (offloaded states, or the fp32 model each rank builds first: "
+        f"{4 * n['total'] / GB:,.2f} GB)\n"
+        f"activations measured on {a['measured_on']} in {a['seconds']} s; plan {p['seconds']} s",
+        highlight=False,
+    )
+
+
+@app.command()
+@user_facing
 def bench(
     task: Annotated[
         list[str] | None, typer.Option(help="Task to measure (repeatable; default: all three).")

@@ -282,9 +282,11 @@ class TrainSection(Section):
     zero_stage: Literal[0, 1, 2, 3] = 2
     """DeepSpeed ZeRO stage: 0 data parallel, 1 optimizer states, 2 + gradients, 3 + parameters."""
     offload: Literal["none", "cpu"] = "none"
-    """ZeRO offload of optimizer states (and parameters at stage 3) to CPU memory; needs GPUs."""
-    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    """Compute dtype: auto is bf16 on GPUs that support it, fp32 otherwise."""
+    """ZeRO-Offload: optimizer states (and parameters at stage 3) live in host memory and AdamW
+    steps on the host (DeepSpeed's CPU Adam); on CPU workers it runs the same code path."""
+    dtype: Literal["auto", "fp32", "bf16"] = "auto"
+    """Compute dtype (weights, gradients and optimizer states stay fp32): auto is bf16 on GPUs that
+    support it and on CPUs with native bf16 for the tasks it speeds up there, fp32 otherwise."""
     seed: int = 0
     """Seed of initialisation and augmentation."""
     log_every: int = Field(10, ge=1)

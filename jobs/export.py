@@ -36,18 +36,24 @@ def library_versions() -> dict[str, str]:
 
 
 def consolidated_state_dict(checkpoint_dir: Path, tag: str) -> dict[str, torch.Tensor]:
-    """fp32 weights and buffers from the shards of every rank. The files say the ZeRO stage the
-    run had (one rank without offload runs stage 0 whatever the recipe says: jobs.worker)."""
-    if not any(Path(checkpoint_dir, tag).glob("zero_pp_rank_*")):
-        # no ZeRO: rank 0's model-states file holds the whole module
-        state = torch.load(
-            Path(checkpoint_dir, tag, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False
-        )
-        return {k: v.float() if v.is_floating_point() else v for k, v in state["module"].items()}
+    """fp32 weights and buffers from the shards of every rank, consolidated by DeepSpeed itself
+    (zero_to_fp32 knows every layout it writes: ZeRO 1-3, offload, any world size). Parameters,
+    gradients and optimizer states stay fp32 in every dtype (bf16 is autocast: jobs.worker), so
+    these are the master weights, never bf16-rounded copies."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    with contextlib.redirect_stdout(io.StringIO()):  # it prints a line per step of its work
-        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+    try:
+        # it prints a line per step of its work and a progress bar per shard file
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
+    except FileNotFoundError:
+        pass  # no ZeRO optimizer shards: a stage-0 run (one rank without offload runs stage 0)
+    # stage 0: rank 0's model-states file holds the whole module, in fp32
+    path = Path(checkpoint_dir, tag, "mp_rank_00_model_states.pt")
+    if not path.is_file():
+        raise FileNotFoundError(f"no DeepSpeed checkpoint at {Path(checkpoint_dir, tag)}")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    return {k: v.float() if v.is_floating_point() else v for k, v in state["module"].items()}
 
 
 def export(
@@ -60,6 +66,7 @@ def export(
     baseline: dict | None = None,
     data_fingerprint: str | None = None,
     lineage: dict | None = None,
+    training: dict | None = None,
 ) -> Path:
     from jobs import tasks
 
@@ -104,6 +111,8 @@ def export(
         "config_hash": recipe.config_hash(),
         "config": recipe.model_dump(mode="json"),
         "lineage": lineage or {},
+        # how the workers trained it: dtype, ZeRO stage, world size, device (their setup line)
+        "training": training or {},
         # None when the data has no validation split: serving then reports drift as unavailable
         "reference": reference,
         "libraries": library_versions(),

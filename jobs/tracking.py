@@ -172,6 +172,15 @@ class Progress:
         elif kind == "val":
             shown = "  ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float) and k != "time")
             self._print(f"validation after epoch {m['epoch']} (step {m['step']}): {shown}")
+        elif kind == "setup":
+            stage = f"ZeRO {m['zero_stage']}"
+            if m.get("recipe_zero_stage") != m["zero_stage"]:
+                stage += f" (recipe: {m.get('recipe_zero_stage')}; one rank without offload runs 0)"
+            offload = f", offload {m['offload']}" if m.get("offload", "none") != "none" else ""
+            self._print(
+                f"workers: {m['world']} on {m['device']}, {m['dtype']}, {stage}{offload}, "
+                f"{m.get('threads', '?')} torch thread(s) each"
+            )
         elif kind == "restore":
             self._print(f"resumed from the checkpoint of step {m['step']} (epoch {m['epoch']})")
 

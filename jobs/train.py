@@ -31,18 +31,14 @@ def plan_steps(recipe: RecipeBase, manifest: dict) -> tuple[int, int]:
     return per_epoch, min(total, t.max_steps) if t.max_steps else total
 
 
-def check_recipe(recipe: RecipeBase) -> None:
-    """Refuse what CPU workers cannot run, before anything starts."""
-    s, t = recipe.scaling, recipe.train
-    if not s.use_gpu:
-        if t.dtype == "fp16":
-            raise UserError(
-                "train.dtype fp16 needs GPU workers (scaling.use_gpu: true); use fp32 or bf16 on CPU"
-            )
-        if t.offload != "none":
-            raise UserError(
-                "train.offload moves ZeRO state from GPU to CPU memory: it needs scaling.use_gpu: true"
-            )
+def check_recipe(recipe: RecipeBase, embedded: bool) -> None:
+    """Refuse what the workers cannot run, before anything starts. CPU workers of the embedded
+    cluster are this machine's: an explicit bf16 is checked here (elsewhere each worker checks
+    its own device and fails in one line)."""
+    from jobs.worker import resolve_dtype
+
+    if embedded and not recipe.scaling.use_gpu:
+        resolve_dtype(recipe.train.dtype, use_gpu=False, task=recipe.task)
 
 
 def check_cluster(recipe: RecipeBase, embedded: bool) -> None:
@@ -147,11 +143,12 @@ def train(
             )
     save_recipe(recipe, run_dir / "config.yaml")
 
-    check_recipe(recipe)
+    embedded = not (address or os.environ.get("RAY_ADDRESS"))
+    check_recipe(recipe, embedded)
     manifest = prepare_data(recipe)  # no Ray needed: data mistakes surface in seconds
     steps_per_epoch, total_steps = plan_steps(recipe, manifest)
     connect(address)
-    check_cluster(recipe, embedded=not (address or os.environ.get("RAY_ADDRESS")))
+    check_cluster(recipe, embedded)
     s = recipe.scaling
 
     # on the driver's node: losing a worker node must not lose the progress log (restores included)
@@ -205,13 +202,15 @@ def train(
 def finish(recipe: RecipeBase, checkpoint, manifest: dict, wall: float | None = None) -> dict:
     """Export a finished run's checkpoint (a ray.train.Checkpoint) and write its summary.json."""
     from jobs.export import export
-    from jobs.worker import CKPT_TAG, resolve_dtype, zero_stage
+    from jobs.worker import CKPT_TAG, zero_stage
 
     task, run_dir, s = tasks.get(recipe.task), recipe.run_dir, recipe.scaling
     metrics_path = run_dir / "metrics.jsonl"
     lines = _read_lines(metrics_path)
     val = (lines.get("val") or [{}])[-1]
     done = (lines.get("done") or [{}])[-1]
+    # what the workers ran, as they reported it (a CPU driver cannot tell what a GPU worker resolved)
+    setup = (lines.get("setup") or [{}])[-1]
     metrics = {k: val[k] for k in (*task.METRICS, "val_loss", "val_rows") if k in val}
     baseline = task.baseline(recipe, manifest)
     with checkpoint.as_directory() as ckpt:
@@ -225,6 +224,7 @@ def finish(recipe: RecipeBase, checkpoint, manifest: dict, wall: float | None = 
             baseline=baseline,
             data_fingerprint=manifest["fingerprint"],
             lineage={"run": str(run_dir), "checkpoint": checkpoint.path, "step": state["step"]},
+            training={k: setup[k] for k in ("dtype", "zero_stage", "world", "device") if k in setup},
         )
     restores = lines.get("restore", [])
     speeds = [ln["samples_per_s"] for ln in lines.get("train", [])[-20:]]
@@ -239,8 +239,8 @@ def finish(recipe: RecipeBase, checkpoint, manifest: dict, wall: float | None = 
         "epochs": state["epoch"],
         "samples": state["samples"],
         "world_size": s.num_workers,
-        "zero_stage": zero_stage(recipe, s.num_workers),
-        "dtype": resolve_dtype(recipe.train.dtype, s.use_gpu),
+        "zero_stage": setup.get("zero_stage", zero_stage(recipe, s.num_workers)),
+        "dtype": setup.get("dtype"),
         "config_hash": recipe.config_hash(),
         "data_fingerprint": manifest["fingerprint"],
         "restores": [r["step"] for r in restores],

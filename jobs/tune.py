@@ -275,7 +275,7 @@ def sweep(recipe: RecipeBase, address: str | None = None) -> dict:
     metric, mode = metric_and_mode(recipe)
     space = check_sweep(recipe)
     base = base_trial_recipe(recipe)
-    check_recipe(base)
+    check_recipe(base, embedded=not (address or os.environ.get("RAY_ADDRESS")))
     name = recipe.run.name or f"{recipe.task}-{recipe.profile or 'default'}-sweep"
     sweep_dir = Path(recipe.run.output_dir).expanduser().resolve() / name
     # paths travel to trials on other nodes: absolute (shared storage on clusters)

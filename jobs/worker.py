@@ -26,6 +26,7 @@ from ray.train import Checkpoint
 
 from jobs import tasks
 from jobs.config import RecipeBase, recipe_from_dict
+from jobs.errors import UserError
 from jobs.tracking import RunLogger, StepClock
 
 CKPT_TAG = "ds"  # one fixed tag: Ray already versions checkpoint directories
@@ -47,23 +48,37 @@ def deepspeed_config(recipe: RecipeBase, world_size: int, dtype: str) -> dict:
     t = recipe.train
     stage = zero_stage(recipe, world_size)
     zero: dict = {"stage": stage}
-    if t.offload == "cpu":
-        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": True}
-        if stage == 3:
-            zero["offload_param"] = {"device": "cpu", "pin_memory": True}
-    return {
+    config: dict = {
         "train_micro_batch_size_per_gpu": t.batch_size,
         "gradient_accumulation_steps": t.grad_accum,
         "train_batch_size": t.batch_size * t.grad_accum * world_size,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": dtype == "bf16"},
-        "fp16": {"enabled": dtype == "fp16"},
-        # AdamW from torch: no fused/CPU-Adam op to compile, same maths on every stage
-        "zero_allow_untested_optimizer": True,
+        # bf16 through torch autocast, not DeepSpeed's bf16 engine: parameters, gradients and AdamW
+        # states stay fp32 (the master weights are the module's own), matmuls and convolutions run
+        # in bf16, and what autocast keeps in fp32 stays so (BatchNorm and its running statistics,
+        # norms, softmax, losses). DeepSpeed's bf16 engine casts the module's parameters but not
+        # its buffers: BatchNorm then fails at the first step on CPU (bf16 weights, fp32 statistics).
+        # Gradients of the autocast layers are reduced in bf16 (DeepSpeed's comm_dtype).
+        "torch_autocast": {"enabled": dtype == "bf16", "dtype": "bfloat16"},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
+    if t.offload == "cpu":
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": recipe.scaling.use_gpu}
+        if stage == 3:
+            zero["offload_param"] = {"device": "cpu", "pin_memory": recipe.scaling.use_gpu}
+        # ZeRO-Offload steps the optimizer on the host: DeepSpeed refuses a client torch optimizer
+        # there and builds DeepSpeedCPUAdam (AdamW's maths in vectorised C++, JIT-built with the
+        # host's compiler on first use) from this section
+        config["optimizer"] = {
+            "type": "AdamW",
+            "params": {"lr": t.lr, "weight_decay": t.weight_decay, "betas": [0.9, 0.999], "eps": 1e-8},
+        }
+    else:
+        # AdamW from torch: no fused op to compile, the same maths on every stage
+        config["zero_allow_untested_optimizer"] = True
+    return config
 
 
 def keep_freed_memory() -> bool:
@@ -83,10 +98,27 @@ def keep_freed_memory() -> bool:
         return False
 
 
-def resolve_dtype(requested: str, use_gpu: bool) -> str:
-    if requested != "auto":
-        return requested
-    return "bf16" if use_gpu and torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX): elsewhere torch emulates it,
+    slower than fp32."""
+    cpu = torch.cpu
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(getattr(cpu, name, lambda: False)() for name in checks)
+
+
+def resolve_dtype(requested: str, use_gpu: bool, task: str) -> str:
+    """The compute dtype a worker runs: `auto` is bf16 on GPUs that support it, and on CPUs with
+    native bf16 for the tasks whose step it makes faster there (the task's CPU_BF16; measured by
+    `deepfleet bench --section train`), fp32 elsewhere. An explicit bf16 the device cannot run
+    is a UserError (one line)."""
+    gpu = use_gpu and torch.cuda.is_available()
+    supported = torch.cuda.is_bf16_supported() if gpu else native_bf16()
+    if requested == "auto":
+        return "bf16" if supported and (gpu or getattr(tasks.get(task), "CPU_BF16", False)) else "fp32"
+    if requested == "bf16" and not supported:
+        where = "this GPU" if gpu else "this CPU (no AVX512-BF16 or AMX: torch would emulate bf16, slower than fp32)"
+        raise UserError(f"train.dtype bf16: {where} has no native bf16; use train.dtype fp32 or auto")
+    return requested
 
 
 def _mine(ids: list[str], rank: int, world: int) -> np.ndarray:
@@ -192,23 +224,28 @@ def restore(engine) -> dict:
 
 def build(recipe: RecipeBase, world: int, dtype_name: str, total_steps: int):
     """The task's model, AdamW, warm-up + cosine schedule and the DeepSpeed engine around them
-    (call with the same torch seed on every rank)."""
+    (call with the same torch seed on every rank). With offload, DeepSpeed builds the AdamW
+    from its config (deepspeed_config); the schedule is handed over as a function of it."""
     import deepspeed
     from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
     t = recipe.train
     model = tasks.build_model(recipe)
-    optimizer = torch.optim.AdamW(
-        [p for p in model.parameters() if p.requires_grad], lr=t.lr, weight_decay=t.weight_decay
-    )
-    schedule = get_cosine_with_min_lr_schedule_with_warmup(
-        optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=total_steps, min_lr_rate=t.min_lr_ratio
-    )
+    params = [p for p in model.parameters() if p.requires_grad]
+    config = deepspeed_config(recipe, world, dtype_name)
+    optimizer = None if "optimizer" in config else torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+
+    def schedule_of(opt):
+        return get_cosine_with_min_lr_schedule_with_warmup(
+            opt, num_warmup_steps=t.warmup_steps, num_training_steps=total_steps, min_lr_rate=t.min_lr_ratio
+        )
+
     engine, _, _, schedule = deepspeed.initialize(
         model=model,
+        model_parameters=params,
         optimizer=optimizer,
-        lr_scheduler=schedule,
-        config=deepspeed_config(recipe, world, dtype_name),
+        lr_scheduler=schedule_of,
+        config=config,
         dist_init_required=False,  # the process group is up already (Ray Train's)
     )
     # one rank at ZeRO 0 has no peer to average gradients with, yet DeepSpeed would flatten them,
@@ -226,8 +263,9 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
-    dtype_name = resolve_dtype(t.dtype, recipe.scaling.use_gpu)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    dtype_name = resolve_dtype(t.dtype, recipe.scaling.use_gpu, recipe.task)
+    # inputs stay fp32: the engine's autocast casts them where a layer computes in bf16
+    dtype = torch.float32
     steps_per_epoch, total_steps = config["steps_per_epoch"], config["total_steps"]
     threads_given = torch.get_num_threads()
     kept = keep_freed_memory()
@@ -250,6 +288,7 @@ def train_loop_per_worker(config: dict) -> None:
             "dtype": dtype_name,
             "zero_stage": zero_stage(recipe, world),
             "recipe_zero_stage": t.zero_stage,
+            "offload": t.offload,
         }
         _send(
             progress,

@@ -51,11 +51,20 @@ def test_bad_values_profiles_and_files():
 
 
 @pytest.mark.timeout(120)
-def test_a_dtype_or_offload_the_machine_cannot_run():
+def test_a_dtype_the_machine_cannot_run(monkeypatch):
     line = one_line_error(deepfleet("train", RECIPE, "--profile", "tiny", "--set", "train.dtype=fp16"))
-    assert "fp16 needs GPU workers" in line
-    line = one_line_error(deepfleet("train", RECIPE, "--profile", "tiny", "--set", "train.offload=cpu"))
-    assert "offload" in line and "use_gpu" in line
+    assert "train.dtype" in line and "bf16" in line  # fp16 is gone: bf16 is the reduced precision
+    # a CPU without native bf16 (this one has it, so its answer is replaced): refused before any
+    # worker starts, while auto falls back to fp32 there
+    import jobs.worker
+    from jobs.config import load_recipe
+    from jobs.errors import UserError
+    from jobs.train import check_recipe
+
+    monkeypatch.setattr(jobs.worker, "native_bf16", lambda: False)
+    with pytest.raises(UserError, match="train.dtype bf16: this CPU .* has no native bf16"):
+        check_recipe(load_recipe(RECIPE, "tiny", ["train.dtype=bf16"]), embedded=True)
+    assert jobs.worker.resolve_dtype("auto", use_gpu=False, task="retinopathy") == "fp32"
 
 
 @pytest.mark.timeout(120)

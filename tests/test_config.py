@@ -39,7 +39,13 @@ def test_one_rank_runs_zero_stage_0_unless_it_offloads():
     assert deepspeed_config(r, 1, "fp32")["zero_optimization"] == {"stage": 0}
     offload = load_recipe(CONFIGS / "autonomous.yaml", "zero3")
     assert offload.train.offload == "cpu" and zero_stage(offload, 1) == 3  # ZeRO-Offload on one GPU
-    assert "offload_param" in deepspeed_config(offload, 1, "bf16")["zero_optimization"]
+    config = deepspeed_config(offload, 1, "bf16")
+    assert "offload_param" in config["zero_optimization"]
+    # ZeRO-Offload steps AdamW on the host: DeepSpeed's CPU Adam, built from the config's section
+    assert config["optimizer"]["type"] == "AdamW" and config["torch_autocast"]["enabled"]
+    assert "optimizer" not in deepspeed_config(r, 2, "fp32") and not deepspeed_config(r, 2, "fp32")[
+        "torch_autocast"
+    ]["enabled"]
 
 
 @pytest.mark.timeout(30)

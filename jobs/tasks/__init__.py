@@ -5,6 +5,8 @@ A task module provides:
   LOWER_IS_BETTER                        those of them where lower is better (optional; val_loss always)
   REFERENCE_ROWS                         validation rows of the drift reference (optional; default
                                          jobs.export.REFERENCE_ROWS)
+  CPU_BF16                               whether dtype auto picks bf16 on CPUs with native bf16
+                                         (optional; default False: fp32 on CPUs)
   SHUFFLE_BUFFER_ROWS                    rows each training rank shuffles locally, reseeded every
                                          epoch (optional; default: the split's order)
   prepare(recipe) -> manifest            generate or import the data into Parquet shards

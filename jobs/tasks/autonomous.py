@@ -19,6 +19,9 @@ if TYPE_CHECKING:
     from jobs.tasks.autonomous_metrics import PerceptionMetrics
 
 METRICS = ("box_map50", "lane_error", "depth_absrel", "depth_delta1")
+# dtype auto on CPU workers: fp32, bf16 does not make its step faster on a CPU (deepfleet bench
+# --section train: bf16/fp32); its tiny recipe still learns in bf16 (tests/test_autonomous.py)
+CPU_BF16 = False
 LOWER_IS_BETTER = ("lane_error", "depth_absrel")
 # Rigs of the drift reference export computes on the CPU (8 camera images each; a full model's
 # 2048 rigs would take many minutes there); see jobs.export.reference_for.
