@@ -404,9 +404,11 @@ def plan(
         "AdamW states",
         highlight=False,
     )
-    offload = " + offload to host" if p["offload"] == "cpu" and p["zero_stage"] else ""
-    table = Table(title=f"GB per GPU at ZeRO {p['zero_stage']}{offload} over {p['world']} GPUs")
-    for col in ("", "GPU", "host"):
+    offloaded = any(h[k] for k in ("weights", "gradients", "optimizer"))
+    table = Table(
+        title=f"GB per GPU at ZeRO {p['zero_stage']}{' + offload' if offloaded else ''} over {p['world']} GPUs"
+    )
+    for col in ("", "GPU", *(["host"] if offloaded else [])):
         table.add_column(col, justify="right" if col else "left")
     per = f"{a['per_sample'] / 1e6:,.1f} MB a sample + {a['per_step'] / 1e6:,.1f} MB a step"
     labels = {
@@ -418,16 +420,19 @@ def plan(
         "headroom": f"headroom ({HEADROOM:.0%})",
         "total": "total",
     }
+    host = {**h, "total": h["weights"] + h["gradients"] + h["optimizer"]}
     for key, label in labels.items():
-        table.add_row(label, f"{g[key] / GB:,.2f}", f"{h[key] / GB:,.2f}" if key in h else "")
+        if g[key] or host.get(key):  # stage 3's gathered layer, offload's host share
+            cells = [f"{g[key] / GB:,.2f}", f"{host[key] / GB:,.2f}" if key in host else ""]
+            table.add_row(label, *cells[: 2 if offloaded else 1])
     out.print(table)
     verdict = "fit" if p["fits"] else f"do not fit ({g['total'] / GB:,.1f} GB)"
-    needed = f"needs {p['gpus_needed']}" if p["gpus_needed"] else f"does not fit on any number up to 1024"
+    needed = f"needs at least {p['gpus_needed']}" if p["gpus_needed"] else "fits on no number up to 1024"
     out.print(
         f"GPUs of {gpu_memory:g} GB: {needed}; the recipe's {p['world']} workers {verdict}\n"
         f"host memory per node: {p['gpus_per_node']} GPUs x {h['per gpu'] / GB:,.2f} GB = "
-        f"{h['per node'] / GB:,.1f} GB (offloaded states, or the fp32 model each rank builds first: "
-        f"{4 * n['total'] / GB:,.2f} GB)\n"
+        f"{h['per node'] / GB:,.1f} GB (the larger of the offloaded states, {host['total'] / GB:,.2f} GB, "
+        f"and the fp32 model each rank builds first, {4 * n['total'] / GB:,.2f} GB)\n"
         f"activations measured on {a['measured_on']} in {a['seconds']} s; plan {p['seconds']} s",
         highlight=False,
     )

@@ -42,18 +42,19 @@ def consolidated_state_dict(checkpoint_dir: Path, tag: str) -> dict[str, torch.T
     these are the master weights, never bf16-rounded copies."""
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    try:
-        # it prints a line per step of its work and a progress bar per shard file
-        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-            return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
-    except FileNotFoundError:
-        pass  # no ZeRO optimizer shards: a stage-0 run (one rank without offload runs stage 0)
-    # stage 0: rank 0's model-states file holds the whole module, in fp32
     path = Path(checkpoint_dir, tag, "mp_rank_00_model_states.pt")
     if not path.is_file():
-        raise FileNotFoundError(f"no DeepSpeed checkpoint at {Path(checkpoint_dir, tag)}")
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    return {k: v.float() if v.is_floating_point() else v for k, v in state["module"].items()}
+        raise FileNotFoundError(f"no DeepSpeed checkpoint at {path.parent}")
+    # memory-mapped: the config is read without loading the module's tensors
+    states = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    if states["ds_config"]["zero_optimization"]["stage"] == 0:
+        # no ZeRO (one rank without offload runs stage 0): rank 0's file holds the whole module
+        return {
+            k: v.float().clone() if v.is_floating_point() else v.clone() for k, v in states["module"].items()
+        }
+    # it prints a line per step of its work and a progress bar per shard file
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        return get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir), tag=tag)
 
 
 def export(

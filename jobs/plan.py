@@ -72,6 +72,8 @@ def model_states(
 
 # Shape legend: B = rows; the numpy batch the task's inputs() turns into the model's inputs.
 def example_batch(recipe: RecipeBase, rows: int) -> dict[str, np.ndarray]:
+    """Zeros shaped like a decoded training batch of the task (the spec tasks register has no
+    example input yet, so the shapes are kept here, beside the only code that needs them)."""
     spec = tasks.get(recipe.task).input_spec(recipe)
     if recipe.task == "retinopathy":
         s = spec["image_size"]
@@ -80,14 +82,15 @@ def example_batch(recipe: RecipeBase, rows: int) -> dict[str, np.ndarray]:
         h, w = spec["image_size"]
         return {"images": np.zeros((rows, spec["num_cameras"], 3, h, w), np.float32)}  # [B, 8, 3, H, W]
     if recipe.task == "recsys":
-        hist, audio = spec["history_len"], spec["audio_shape"]
+        hist, audio = spec["history_len"], spec["audio_shape"]  # [mels, frames], or [8] from MSSD
+        audio_key = "candidate_audio" if spec["has_audio"] else "candidate_acoustic"
         return {
             "history_tracks": np.ones((rows, hist), np.int64),
             "history_features": np.zeros((rows, hist, len(spec["event_feature_names"])), np.float32),
             "history_mask": np.ones((rows, hist), bool),
             "candidate": np.ones(rows, np.int64),
             "candidate_features": np.zeros((rows, len(spec["track_feature_names"])), np.float32),
-            ("candidate_audio" if spec["has_audio"] else "candidate_acoustic"): np.zeros((rows, *audio), np.float32),
+            audio_key: np.zeros((rows, *audio), np.float32),
             "context": np.zeros((rows, len(spec["context_feature_names"])), np.float32),
         }
     raise UserError(f"deepfleet plan knows no example input of task '{recipe.task}'")
@@ -224,13 +227,16 @@ def check_fits(
     p = plan(recipe, gpu_memory_bytes or 80 * GB, gpus_per_node)
     g, where = p["gpu"], f"at ZeRO {p['zero_stage']} over {p['world']} GPUs"
     if gpu_memory_bytes is not None and not p["fits"]:
-        more = p["gpus_needed"]
+        a, more, room = p["activations"], p["gpus_needed"], gpu_memory_bytes - g["headroom"]
+        # only what would make it fit: ZeRO 3 with offload still gathers a layer and keeps activations
+        sharded = g["activations"] + 8 * p["parameters"]["largest_layer"] <= room
+        batch = int((room - g["model states"] - a["per_step"]) // a["per_sample"]) if a["per_sample"] else 0
         fixes = [
-            *(["train.zero_stage 3"] if p["zero_stage"] < 3 else []),
-            *(["train.offload cpu"] if p["offload"] == "none" else []),
-            f"a smaller train.batch_size than {recipe.train.batch_size}",
+            *(["train.zero_stage 3"] if sharded and p["zero_stage"] < 3 else []),
+            *(["train.offload cpu"] if sharded and p["offload"] == "none" else []),
+            *([f"train.batch_size {batch} or less"] if 0 < batch < recipe.train.batch_size else []),
             *([f"{more} workers"] if more and more > p["world"] else []),
-        ]
+        ] or ["GPUs with more memory"]
         raise UserError(
             f"recipe needs {g['total'] / GB:.1f} GB per GPU {where} (model states "
             f"{g['model states'] / GB:.1f} GB + activations {g['activations'] / GB:.1f} GB at batch "
@@ -239,12 +245,16 @@ def check_fits(
         )
     h = p["host"]
     if host_memory_bytes is not None and h["per node"] > host_memory_bytes:
+        fixes = [
+            "fewer GPUs a node",
+            "more nodes",
+            *(["train.offload none"] if p["offload"] == "cpu" else []),
+        ]
         raise UserError(
             f"recipe needs {h['per node'] / GB:.1f} GB of host memory per node {where} "
             f"({p['gpus_per_node']} GPUs a node x {h['per gpu'] / GB:.1f} GB: offloaded states "
             f"(train.offload {p['offload']}) or the fp32 model each rank builds) but the nodes have "
-            f"{host_memory_bytes / GB:.1f} GB: use "
-            + _either(["fewer GPUs a node", "more nodes", *(["train.offload none"] if p["offload"] == "cpu" else [])])
+            f"{host_memory_bytes / GB:.1f} GB: use {_either(fixes)}"
         )
 
 

@@ -116,7 +116,11 @@ def resolve_dtype(requested: str, use_gpu: bool, task: str) -> str:
     if requested == "auto":
         return "bf16" if supported and (gpu or getattr(tasks.get(task), "CPU_BF16", False)) else "fp32"
     if requested == "bf16" and not supported:
-        where = "this GPU" if gpu else "this CPU (no AVX512-BF16 or AMX: torch would emulate bf16, slower than fp32)"
+        where = (
+            "this GPU"
+            if gpu
+            else "this CPU (no AVX512-BF16 or AMX: torch would emulate bf16, slower than fp32)"
+        )
         raise UserError(f"train.dtype bf16: {where} has no native bf16; use train.dtype fp32 or auto")
     return requested
 
@@ -233,7 +237,9 @@ def build(recipe: RecipeBase, world: int, dtype_name: str, total_steps: int):
     model = tasks.build_model(recipe)
     params = [p for p in model.parameters() if p.requires_grad]
     config = deepspeed_config(recipe, world, dtype_name)
-    optimizer = None if "optimizer" in config else torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    optimizer = (
+        None if "optimizer" in config else torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+    )
 
     def schedule_of(opt):
         return get_cosine_with_min_lr_schedule_with_warmup(
@@ -311,7 +317,8 @@ def train_loop_per_worker(config: dict) -> None:
     metrics: dict = {}
     while state["epoch"] < t.epochs and state["step"] < total_steps:
         hand_over(config.get("turns"), rank, state["step"])
-        tic, window_loss, window_steps = time.perf_counter(), 0.0, 0
+        # the window's loss stays on the device: reading it every step would wait for the GPU
+        tic, window_loss, window_steps = time.perf_counter(), torch.zeros((), device=device), 0
         clock = StepClock()  # the window's time split: waiting for batches vs computing
         batches = train_batches(train_shard, task, recipe, state["epoch"])
         consumed = 0
@@ -324,7 +331,7 @@ def train_loop_per_worker(config: dict) -> None:
             engine.backward(loss)
             engine.step()
             consumed += 1
-            window_loss += loss.item() / t.grad_accum
+            window_loss += loss.detach().float() / t.grad_accum
             clock.done()
             if consumed % t.grad_accum:
                 continue
@@ -333,7 +340,7 @@ def train_loop_per_worker(config: dict) -> None:
             window_steps += 1
             if state["step"] % t.log_every == 0 or state["step"] == total_steps:
                 # all ranks join this all-reduce: the loss shown is the global batch's mean
-                mean_loss = torch.tensor(window_loss / window_steps, dtype=torch.float64)
+                mean_loss = window_loss.double() / window_steps  # on the device: NCCL reduces GPU tensors
                 dist.all_reduce(mean_loss)
                 elapsed = time.perf_counter() - tic
                 line = {
@@ -344,6 +351,7 @@ def train_loop_per_worker(config: dict) -> None:
                     "lr": schedule.get_last_lr()[0],
                     "samples_per_s": window_steps * global_batch / elapsed,
                     **clock.per_step(window_steps),
+                    **device_memory(device),
                 }
                 if t.trace_batches:  # which rows made this step, rank by rank (checks the maths)
                     ids = [None] * world
@@ -352,7 +360,7 @@ def train_loop_per_worker(config: dict) -> None:
                 logger.log({k: v for k, v in line.items() if k != "batch_ids"}, state["step"])
                 if rank == 0:
                     _send(progress, line)
-                tic, window_loss, window_steps = time.perf_counter(), 0.0, 0
+                tic, window_loss, window_steps = time.perf_counter(), torch.zeros((), device=device), 0
                 clock.restart()
             if t.checkpoint_every and state["step"] % t.checkpoint_every == 0 and state["step"] < total_steps:
                 save_and_report(engine, state, {}, rank)
@@ -372,6 +380,13 @@ def train_loop_per_worker(config: dict) -> None:
     logger.finish()
     if rank == 0:
         _send(progress, {"kind": "done", "step": state["step"], "wandb": logger.path})
+
+
+def device_memory(device: torch.device) -> dict:
+    """The GPU memory this rank's process has held at most so far (none on CPU workers)."""
+    if device.type != "cuda":
+        return {}
+    return {"device_memory_peak": torch.cuda.max_memory_allocated(device)}
 
 
 def _send(queue, item: dict) -> None:

@@ -63,25 +63,44 @@ def retinopathy_run(ray_local, tiny_data, tmp_path_factory) -> dict:
 
 @pytest.fixture(scope="session")
 def autonomous_run(ray_local, tmp_path_factory) -> dict:
-    """`deepfleet train configs/autonomous.yaml --profile tiny` as it ships (2 workers, ZeRO 2)."""
+    """`deepfleet train configs/autonomous.yaml --profile tiny --set train.dtype=bf16` (2 workers,
+    ZeRO 2): its learning bars hold in bf16. dtype auto keeps fp32 for this task on a CPU (bf16
+    is no faster there); where the CPU has no native bf16 this is the fp32 run."""
     from jobs.train import train
 
     root = tmp_path_factory.mktemp("data") / "autonomous-tiny"
-    recipe = _tiny("autonomous", f"data.root={root}", f"run.output_dir={tmp_path_factory.mktemp('runs')}")
+    recipe = _tiny(
+        "autonomous",
+        f"data.root={root}",
+        f"run.output_dir={tmp_path_factory.mktemp('runs')}",
+        f"train.dtype={native_dtype()}",
+    )
     assert recipe.scaling.num_workers == 2 and recipe.train.zero_stage == 2
     return train(recipe)
 
 
 @pytest.fixture(scope="session")
 def recsys_run(ray_local, tmp_path_factory) -> dict:
-    """The tiny recsys recipe as it ships (2 workers, ZeRO 2): data, hybrid fit, MF sibling fit, export."""
+    """`deepfleet train configs/recsys.yaml --profile tiny --set train.zero_stage=3 --set
+    train.offload=cpu` (2 workers, dtype auto: bf16 on a CPU with native bf16): data, hybrid fit,
+    MF sibling fit (the same engine settings), export. The shipped ZeRO 2 runs in test_profiles."""
     from jobs.train import train
 
     root = tmp_path_factory.mktemp("recsys-data") / "tiny"
     out = tmp_path_factory.mktemp("recsys-runs")
-    recipe = _tiny("recsys", f"data.root={root}", f"run.output_dir={out}")
-    assert recipe.scaling.num_workers == 2 and recipe.train.zero_stage == 2 and not recipe.scaling.use_gpu
+    recipe = _tiny("recsys", f"data.root={root}", f"run.output_dir={out}", *RECSYS_OFFLOAD)
+    assert recipe.scaling.num_workers == 2 and recipe.train.offload == "cpu" and not recipe.scaling.use_gpu
     tic = time.perf_counter()
     summary = train(recipe)
     summary["test_wall_s"] = time.perf_counter() - tic
     return summary
+
+
+RECSYS_OFFLOAD = ("train.zero_stage=3", "train.offload=cpu")
+
+
+def native_dtype() -> str:
+    """bf16 where this CPU computes it natively, else fp32 (the engine refuses bf16 there)."""
+    from jobs.worker import native_bf16
+
+    return "bf16" if native_bf16() else "fp32"

@@ -73,7 +73,7 @@ def test_utilisation_of_a_linear_layer_is_within_the_matmul_peak():
         "plain": {"samples_per_s": rate},
     }
     use = utilisation(one, peak)
-    assert 0 < use["of_fp32_peak"] <= 1, use
+    assert 0 < use["of_peak"] <= 1 and use["dtype"] == "fp32", use
 
 
 @pytest.mark.timeout(60)
@@ -116,13 +116,26 @@ def test_train_section_measures_both_sides(ray_local, small):
     assert peak["flops"] > 1e9
     use = train_step.utilisation(one, peak["flops"])
     # counted as direct convolutions: oneDNN's Winograd 3x3 convolutions may pass the mm peak
-    assert 0 < use["of_fp32_peak"] < 3, use
+    assert 0 < use["of_peak"] < 3, use
+    # both sides in the dtype the workers run (auto: bf16 on a CPU with native bf16), and bf16
+    # against fp32 side by side: the plain loop in each, alternating windows
+    from jobs.worker import native_bf16
+
+    assert one["dtype"] == ("bf16" if native_bf16() else "fp32")
+    prec = one["precision"]
+    if native_bf16():
+        assert len(prec["pairs"]) == 3 and 0.3 < prec["ratio"] < 5 and prec["auto"] == "bf16", prec
+        assert any("bf16/fp32" in ln for ln in lines)
+    else:
+        assert prec is None
     assert use["embedding_bytes_per_s"] is None
     result = {
         "runs": [one | {"utilisation": use}],
         "peak": {"fp32": peak, "bf16": peak, "bf16_beats_fp32": False},
     }
-    assert any("ZeRO 2 (runs 0 on 1 worker)" in measure for _, measure, _ in train_step.rows(result))
+    shown = train_step.rows(result)
+    assert any("ZeRO 2 (runs 0 on 1 worker)" in measure for _, measure, _ in shown)
+    assert not native_bf16() or any("bf16/fp32" in measure for _, measure, _ in shown)
     (t,) = train_step.targets(result)
     assert t["target"] == 0.9 and t["value"] == ours["ratio"]
     assert any("plain" in ln for ln in lines)

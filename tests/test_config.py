@@ -43,9 +43,10 @@ def test_one_rank_runs_zero_stage_0_unless_it_offloads():
     assert "offload_param" in config["zero_optimization"]
     # ZeRO-Offload steps AdamW on the host: DeepSpeed's CPU Adam, built from the config's section
     assert config["optimizer"]["type"] == "AdamW" and config["torch_autocast"]["enabled"]
-    assert "optimizer" not in deepspeed_config(r, 2, "fp32") and not deepspeed_config(r, 2, "fp32")[
-        "torch_autocast"
-    ]["enabled"]
+    assert (
+        "optimizer" not in deepspeed_config(r, 2, "fp32")
+        and not deepspeed_config(r, 2, "fp32")["torch_autocast"]["enabled"]
+    )
 
 
 @pytest.mark.timeout(30)

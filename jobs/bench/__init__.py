@@ -8,7 +8,8 @@ Each section is a module with the same three functions:
 
 Sections: train (our Ray Train + DeepSpeed step against a plain PyTorch loop, ZeRO 0-3, FLOPs
 utilisation against the measured matmul peak), ingest (pyarrow, DataLoader, Ray Data), serve
-(the served model against a bare FastAPI server; batching), search (ASHA against random search).
+(the served model against a bare FastAPI server; batching), search (ASHA against random search),
+gpu (each task's full model on one GPU in bf16: samples/s, MFU, memory against the plan).
 bench.json is rewritten after every section, so a killed run keeps what it measured.
 """
 
@@ -29,6 +30,7 @@ SECTIONS = {
     "ingest": "jobs.bench.ingest",
     "serve": "jobs.bench.serving",
     "search": "jobs.bench.search",
+    "gpu": "jobs.bench.gpu",
 }
 TASKS = ("retinopathy", "autonomous", "recsys")
 

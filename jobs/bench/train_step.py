@@ -95,30 +95,33 @@ def memory_batches(recipe, count: int = 4) -> list[dict]:
 
 class PlainLoop:
     """A single-process PyTorch training loop of the recipe: the worker's model, optimizer,
-    schedule and clipping, without Ray or DeepSpeed."""
+    schedule and clipping, without Ray or DeepSpeed. `dtype` bf16 runs the forward under torch's
+    CPU autocast, as the engine does (jobs.worker.deepspeed_config); the loss stays outside it."""
 
-    def __init__(self, recipe, total_steps: int = 10_000):
+    def __init__(self, recipe, total_steps: int = 10_000, dtype: str = "fp32", device: str = "cpu"):
         import torch
         from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
         from jobs import tasks
 
-        self.recipe, self.task = recipe, tasks.get(recipe.task)
+        self.recipe, self.task, self.dtype = recipe, tasks.get(recipe.task), dtype
+        self.device = torch.device(device)
         t = recipe.train
         torch.manual_seed(t.seed)
-        self.model = tasks.build_model(recipe).train()
+        self.model = tasks.build_model(recipe).train().to(self.device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.params, lr=t.lr, weight_decay=t.weight_decay)
         self.schedule = get_cosine_with_min_lr_schedule_with_warmup(
             self.optimizer, t.warmup_steps, total_steps, min_lr_rate=t.min_lr_ratio
         )
-        self.device = torch.device("cpu")
 
-    def step(self, batch: dict) -> float:
+    def step(self, batch: dict, sync: bool = True) -> float | None:
+        """One training step; its loss (a host synchronisation), unless sync is False."""
         import torch
 
         t = self.recipe.train
-        output = self.model(*self.task.inputs(batch, self.device, torch.float32))
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.dtype == "bf16"):
+            output = self.model(*self.task.inputs(batch, self.device, torch.float32))
         loss = self.task.loss(self.recipe, output, batch, self.device)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -126,7 +129,41 @@ class PlainLoop:
             torch.nn.utils.clip_grad_norm_(self.params, t.grad_clip)
         self.optimizer.step()
         self.schedule.step()
-        return loss.item()
+        return loss.item() if sync else None
+
+
+def engine_dtype(recipe) -> str:
+    """The dtype the recipe's CPU workers run on this machine (jobs.worker.resolve_dtype)."""
+    from jobs.worker import resolve_dtype
+
+    return resolve_dtype(recipe.train.dtype, recipe.scaling.use_gpu, recipe.task)
+
+
+def precision(recipe, batches: list[dict], steps: int, repeats: int) -> dict | None:
+    """bf16 against fp32 on this CPU: the plain loop in each dtype (two loops, same seed and
+    batches), timed in alternating windows so the host's drift moves both alike; the ratio is
+    the median of the pairs' bf16/fp32. None where the CPU has no native bf16 (the engine then
+    refuses bf16)."""
+    from jobs.worker import native_bf16
+
+    if not native_bf16():
+        return None
+    loops = {d: PlainLoop(recipe, dtype=d) for d in ("fp32", "bf16")}
+    for loop in loops.values():  # warm-up: first-use costs (oneDNN kernels, allocator)
+        plain_window(loop, batches, steps)
+    pairs = [
+        {d: plain_window(loop, batches, steps)["samples_per_s"] for d, loop in loops.items()}
+        for _ in range(repeats)
+    ]
+    return {
+        "fp32_samples_per_s": statistics.median(p["fp32"] for p in pairs),
+        "bf16_samples_per_s": statistics.median(p["bf16"] for p in pairs),
+        "ratio": statistics.median(p["bf16"] / p["fp32"] for p in pairs),
+        "pairs": pairs,
+        "auto": engine_dtype(
+            recipe.model_copy(update={"train": recipe.train.model_copy(update={"dtype": "auto"})})
+        ),
+    }
 
 
 def with_threads(threads: int, fn: Callable):
@@ -415,7 +452,8 @@ def measure(
 
     task, size = recipe.task, recipe.train.batch_size
     batches = memory_batches(recipe)
-    loop = PlainLoop(recipe)
+    dtype = engine_dtype(recipe)
+    loop = PlainLoop(recipe, dtype=dtype)  # like with like: the dtype our workers run
 
     plain_window(loop, batches, len(batches))  # warm-up
     step_s = size / plain_window(loop, batches, len(batches))["samples_per_s"]
@@ -487,20 +525,36 @@ def measure(
         "plain": plain_result,
         "ours": {str(s): o for s, o in ours.items()},
         "recipe_stage": recipe.train.zero_stage,
+        "dtype": dtype,
         "flops": task_flops(recipe, batches[0]),
+        "precision": bf16_vs_fp32(recipe, batches, window, repeats, progress, f"{task} {label}"),
     }
+
+
+def bf16_vs_fp32(recipe, batches, steps: int, repeats: int, progress, label: str) -> dict | None:
+    p = precision(recipe, batches, steps, repeats)
+    if p is None:
+        progress(f"{label}: bf16 against fp32 not measured (this CPU has no native bf16)")
+    else:
+        progress(
+            f"{label}: bf16/fp32 {p['ratio']:.2f}x (plain loop, {p['bf16_samples_per_s']:.1f} against "
+            f"{p['fp32_samples_per_s']:.1f} samples/s; dtype auto runs {p['auto']})"
+        )
+    return p
 
 
 def utilisation(one: dict, peak_flops: float) -> dict:
     """Achieved training FLOP/s of a measured size (FLOPs per sample x our samples/s at the
-    profile's ZeRO stage) and its share of the fp32 matmul peak; embedding lookups in bytes/s."""
+    profile's ZeRO stage) and its share of the matmul peak in the dtype it ran; embedding lookups
+    in bytes/s."""
     f, stage = one["flops"], str(one["recipe_stage"])
     ours = one["ours"][stage]["samples_per_s"]
     return {
         "zero_stage": int(stage),
+        "dtype": one.get("dtype", "fp32"),
         "achieved_flops": f["flops_per_sample"] * ours,
-        "of_fp32_peak": f["flops_per_sample"] * ours / peak_flops,
-        "plain_of_fp32_peak": f["flops_per_sample"] * one["plain"]["samples_per_s"] / peak_flops,
+        "of_peak": f["flops_per_sample"] * ours / peak_flops,
+        "plain_of_peak": f["flops_per_sample"] * one["plain"]["samples_per_s"] / peak_flops,
         "embedding_bytes_per_s": f["embedding_bytes_per_sample"] * ours or None,
     }
 
@@ -532,7 +586,7 @@ def run(tasks: list[str], quick: bool, work_dir: Path, progress: Callable[[str],
         f"bf16 {peak['bf16']['flops'] / 1e9:.1f} GFLOP/s"
     )
     for one in runs:
-        one["utilisation"] = utilisation(one, peak["fp32"]["flops"])
+        one["utilisation"] = utilisation(one, peak[one.get("dtype", "fp32")]["flops"])
     return {
         "threads": threads,
         "peak": {**peak, "bf16_beats_fp32": peak["bf16"]["flops"] > peak["fp32"]["flops"]},
@@ -563,7 +617,7 @@ def rows(result: dict) -> list[tuple[str, str, str]]:
         out.append(
             (
                 task,
-                f"{label}: plain PyTorch (batch {one['batch_size']})",
+                f"{label}: plain PyTorch (batch {one['batch_size']}, {one.get('dtype', 'fp32')})",
                 f"{p['samples_per_s']:.1f} samples/s",
             )
         )
@@ -577,6 +631,16 @@ def rows(result: dict) -> list[tuple[str, str, str]]:
                     f"on CPU {o['cpu_share']:.0%} vs {o['plain_cpu_share']:.0%})",
                 )
             )
+        prec = one.get("precision")
+        if prec:
+            out.append(
+                (
+                    task,
+                    f"{label}: bf16/fp32 (plain loop)",
+                    f"{prec['ratio']:.2f}x ({prec['bf16_samples_per_s']:.1f} vs {prec['fp32_samples_per_s']:.1f} "
+                    f"samples/s; auto runs {prec['auto']})",
+                )
+            )
         f, u = one["flops"], one.get("utilisation", {})
         out.append((task, f"{label}: training FLOPs/sample", f"{f['flops_per_sample'] / 1e9:.3f} GFLOP"))
         if u:
@@ -585,7 +649,7 @@ def rows(result: dict) -> list[tuple[str, str, str]]:
                     task,
                     f"{label}: achieved (ZeRO {u['zero_stage']})",
                     f"{_gflops(u['achieved_flops'])} "
-                    f"({u['of_fp32_peak']:.0%} of fp32 peak; plain {u['plain_of_fp32_peak']:.0%})",
+                    f"({u['of_peak']:.0%} of the {u['dtype']} peak; plain {u['plain_of_peak']:.0%})",
                 )
             )
             if u["embedding_bytes_per_s"]:

@@ -1,0 +1,112 @@
+"""Every profile of every recipe in configs/ runs: shrunk on 2 CPU workers, with its exact engine
+settings, for a step, then checkpoint, resume for one more step and export.
+
+What shrinks is the data (few rows, small images where the backbone takes them, a recsys table
+the size of the catalogue), the micro-batch and the epochs. What stays is what the engine does
+with the recipe: ZeRO stage, offload, grad accumulation, backbone and flavour, encoder, separate
+backbones, the optimizer. GPU-only settings map to their CPU equivalents: 2 CPU workers over
+gloo instead of GPUs over NCCL, and a GPU profile's `dtype: auto` (bf16 on GPUs) becomes bf16
+where this CPU has native bf16. A profile added to a recipe is covered without editing this file.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import CONFIGS
+
+
+def _profiles() -> list[tuple[str, str]]:
+    out = []
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        raw = yaml.safe_load(path.read_text())
+        out += [(path.stem, name) for name in raw.get("profiles") or {}]
+    return out
+
+
+PROFILES = _profiles()
+# the data each task's profiles shrink to: a step needs world x batch x grad_accum training rows
+SHRINK = {
+    "retinopathy": ["data.num_images=48", "data.rows_per_shard=16", "data.val_fraction=0.15"],
+    "autonomous": ["data.num_samples=40", "data.rows_per_shard=16", "data.image_height=64", "data.image_width=96"],
+    "recsys": [
+        "data.num_tracks=300", "data.num_users=40", "data.num_sessions=200", "data.rows_per_shard=4000",
+        "data.eval_negatives=9", "model.num_tracks=null", "baselines.mf=false",
+    ],
+}  # fmt: skip
+
+
+def shrunk(task: str, profile: str, data_root: Path, out: Path, *more: str):
+    """The profile's recipe with its data, batch and epochs shrunk and GPU settings mapped to
+    CPU ones; every engine setting as the profile has it."""
+    from jobs.config import load_recipe
+    from jobs.worker import native_bf16
+
+    path = CONFIGS / f"{task}.yaml"
+    recipe = load_recipe(path, profile)
+    sets = [*SHRINK[task], f"data.root={data_root}", f"run.output_dir={out}", "train.log_every=1"]
+    sets += [
+        "scaling.num_workers=2",
+        "scaling.use_gpu=false",
+        "scaling.cpus_per_worker=1",
+        "run.max_failures=0",
+    ]
+    sets += [f"train.batch_size={min(recipe.train.batch_size, 256 if task == 'recsys' else 2)}"]
+    sets.append("train.eval_batch_size=null")
+    if task == "retinopathy" and (recipe.model.backbone or recipe.model.flavour) not in (
+        "inception_v3",
+        "full",
+    ):
+        sets.append("data.image_size=96")  # InceptionV3's auxiliary head needs its 299 px
+    if recipe.scaling.use_gpu and recipe.train.dtype == "auto":
+        sets.append(f"train.dtype={'bf16' if native_bf16() else 'fp32'}")  # what auto is on a GPU
+    return load_recipe(path, profile, [*sets, *more])
+
+
+def _mssd(tmp_path: Path, recipe) -> list[str]:
+    """A profile that imports MSSD logs reads a folder in the published layout."""
+    from data_loaders.recsys import write_mssd_csv
+
+    if recipe.task != "recsys" or recipe.data.source != "mssd":
+        return []
+    write_mssd_csv(str(tmp_path / "mssd"), num_tracks=300, num_users=40, num_sessions=200)
+    return [f"data.import_path={tmp_path / 'mssd'}"]
+
+
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize(("task", "profile"), PROFILES, ids=[f"{t}-{p}" for t, p in PROFILES])
+def test_profile_trains_resumes_and_exports(ray_local, tmp_path, task, profile):
+    from jobs import tasks
+    from jobs.config import load_recipe
+    from jobs.export import load_exported
+    from jobs.train import train
+    from jobs.worker import zero_stage
+
+    first = shrunk(task, profile, tmp_path / "data", tmp_path / "runs")
+    extra = _mssd(tmp_path, first)
+    first = shrunk(task, profile, tmp_path / "data", tmp_path / "runs", *extra, "train.max_steps=1")
+    shipped = load_recipe(CONFIGS / f"{task}.yaml", profile)
+    for key in ("zero_stage", "offload", "grad_accum", "lr", "weight_decay"):
+        assert getattr(first.train, key) == getattr(shipped.train, key), key
+    assert first.model.model_dump(exclude={"num_tracks"}) == shipped.model.model_dump(exclude={"num_tracks"})
+
+    one = train(first, echo=False)
+    assert one["steps"] == 1 and one["restores"] == []
+    assert one["zero_stage"] == zero_stage(first, 2) and one["world_size"] == 2
+    assert one["dtype"] in (("bf16", "fp32") if first.train.dtype == "auto" else (first.train.dtype,))
+
+    # the same run started again with one more step: restored from its checkpoint, then exported
+    again = train(
+        first.model_copy(update={"train": first.train.model_copy(update={"max_steps": 2})}), echo=False
+    )
+    assert again["restores"] == [1] and again["steps"] == 2 and again["dtype"] == one["dtype"]
+
+    model, card = load_exported(again["paths"]["model"])
+    assert card["training"]["dtype"] == again["dtype"] and card["training"]["zero_stage"] == one["zero_stage"]
+    built = tasks.build_model(first)  # the profile's exact architecture came back
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in built.parameters())
+    assert json.loads((Path(again["paths"]["run_dir"]) / "summary.json").read_text())["steps"] == 2
