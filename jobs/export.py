@@ -40,13 +40,11 @@ def consolidated_state_dict(checkpoint_dir: Path, tag: str) -> dict[str, torch.T
     (zero_to_fp32 knows every layout it writes: ZeRO 1-3, offload, any world size). Parameters,
     gradients and optimizer states stay fp32 in every dtype (bf16 is autocast: jobs.worker), so
     these are the master weights, never bf16-rounded copies."""
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint, get_model_state_files
 
-    path = Path(checkpoint_dir, tag, "mp_rank_00_model_states.pt")
-    if not path.is_file():
-        raise FileNotFoundError(f"no DeepSpeed checkpoint at {path.parent}")
-    # memory-mapped: the config is read without loading the module's tensors
-    states = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    # any rank's model-states file names the run's config (memory-mapped: no tensor is read)
+    first = get_model_state_files(str(Path(checkpoint_dir, tag)))[0]
+    states = torch.load(first, map_location="cpu", weights_only=False, mmap=True)
     if states["ds_config"]["zero_optimization"]["stage"] == 0:
         # no ZeRO (one rank without offload runs stage 0): rank 0's file holds the whole module
         return {

@@ -219,13 +219,14 @@ def check_fits(
     gpu_memory_bytes: float | None,
     host_memory_bytes: float | None,
     gpus_per_node: int = 8,
+    device: str = "GPU",
 ) -> None:
     """UserError (one line, with the numbers) when a worker's GPU or a node's host memory cannot
     hold the recipe's training step; nothing is measured when neither size is known."""
     if gpu_memory_bytes is None and host_memory_bytes is None:
         return
     p = plan(recipe, gpu_memory_bytes or 80 * GB, gpus_per_node)
-    g, where = p["gpu"], f"at ZeRO {p['zero_stage']} over {p['world']} GPUs"
+    g, where = p["gpu"], f"at ZeRO {p['zero_stage']} over {p['world']} {device}s"
     if gpu_memory_bytes is not None and not p["fits"]:
         a, more, room = p["activations"], p["gpus_needed"], gpu_memory_bytes - g["headroom"]
         # only what would make it fit: ZeRO 3 with offload still gathers a layer and keeps activations
@@ -236,23 +237,23 @@ def check_fits(
             *(["train.offload cpu"] if sharded and p["offload"] == "none" else []),
             *([f"train.batch_size {batch} or less"] if 0 < batch < recipe.train.batch_size else []),
             *([f"{more} workers"] if more and more > p["world"] else []),
-        ] or ["GPUs with more memory"]
+        ] or [f"{device}s with more memory"]
         raise UserError(
-            f"recipe needs {g['total'] / GB:.1f} GB per GPU {where} (model states "
+            f"recipe needs {g['total'] / GB:.1f} GB per {device} {where} (model states "
             f"{g['model states'] / GB:.1f} GB + activations {g['activations'] / GB:.1f} GB at batch "
-            f"{recipe.train.batch_size} + headroom {g['headroom'] / GB:.1f} GB) but the GPUs have "
+            f"{recipe.train.batch_size} + headroom {g['headroom'] / GB:.1f} GB) but the {device}s have "
             f"{gpu_memory_bytes / GB:.1f} GB: use {_either(fixes)}"
         )
     h = p["host"]
     if host_memory_bytes is not None and h["per node"] > host_memory_bytes:
         fixes = [
-            "fewer GPUs a node",
+            f"fewer {device}s a node",
             "more nodes",
             *(["train.offload none"] if p["offload"] == "cpu" else []),
         ]
         raise UserError(
             f"recipe needs {h['per node'] / GB:.1f} GB of host memory per node {where} "
-            f"({p['gpus_per_node']} GPUs a node x {h['per gpu'] / GB:.1f} GB: offloaded states "
+            f"({p['gpus_per_node']} {device}s a node x {h['per gpu'] / GB:.1f} GB: offloaded states "
             f"(train.offload {p['offload']}) or the fp32 model each rank builds) but the nodes have "
             f"{host_memory_bytes / GB:.1f} GB: use {_either(fixes)}"
         )

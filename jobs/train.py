@@ -61,6 +61,53 @@ def check_cluster(recipe: RecipeBase, embedded: bool) -> None:
         )
 
 
+def check_memory(recipe: RecipeBase, embedded: bool) -> None:
+    """Refuse, in one line with the numbers, a recipe whose training step cannot fit a worker's
+    memory or whose offloaded states cannot fit a node's (jobs.plan: model states as ZeRO lays
+    them out, activations measured on the model without computing). CPU workers share their
+    node's memory: each gets its share as its "device"."""
+    import ray
+
+    from jobs.plan import check_fits
+
+    s = recipe.scaling
+    nodes = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+    if embedded:
+        import psutil
+
+        host = float(psutil.virtual_memory().total)
+    else:  # Ray's schedulable memory of the smallest node (autoscaling clusters may add more)
+        host = min((n["memory"] for n in nodes if "memory" in n), default=None)
+    if s.use_gpu:
+        per_node = max((int(n.get("GPU", 0)) for n in nodes), default=0) or s.num_workers
+        check_fits(recipe, gpu_memory(), host, min(per_node, s.num_workers))
+    elif host is not None:
+        per_node = min(s.num_workers, max(1, int(max(n.get("CPU", 1) for n in nodes) // s.cpus_per_worker)))
+        check_fits(recipe, host / per_node, host, per_node, device="CPU worker")
+
+
+def gpu_memory() -> float | None:
+    """Memory of one of the cluster's GPUs: the driver's own, else asked of a one-GPU task (None
+    when no GPU answers within a minute: an autoscaling cluster may not have started one yet)."""
+    import ray
+    import torch
+
+    if torch.cuda.is_available():
+        return float(torch.cuda.get_device_properties(0).total_memory)
+
+    @ray.remote(num_gpus=1, num_cpus=0)
+    def total() -> float:
+        import torch
+
+        return float(torch.cuda.get_device_properties(0).total_memory)
+
+    try:
+        return ray.get(total.remote(), timeout=60)
+    except ray.exceptions.GetTimeoutError:
+        print("note: no GPU answered within a minute; the memory plan was not checked", flush=True)
+        return None
+
+
 def prepare_data(recipe: RecipeBase) -> dict:
     from data_loaders.shards import verify
 
@@ -109,7 +156,7 @@ def train(
     rank waits until it returns (deepfleet bench times its plain PyTorch loop there:
     jobs.bench.train_step.Turns)."""
     import ray
-    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
     from ray.util.queue import Queue
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -121,7 +168,7 @@ def train(
     import jobs.export  # noqa: F401
     from cluster.local import connect, worker_env
     from jobs.tracking import Progress
-    from jobs.worker import train_loop_per_worker
+    from jobs.worker import ValidationShards, train_loop_per_worker
 
     task = tasks.get(recipe.task)
     # paths travel to workers on other nodes: make them absolute (shared storage on clusters)
@@ -149,6 +196,7 @@ def train(
     steps_per_epoch, total_steps = plan_steps(recipe, manifest)
     connect(address)
     check_cluster(recipe, embedded)
+    check_memory(recipe, embedded)
     s = recipe.scaling
 
     # on the driver's node: losing a worker node must not lose the progress log (restores included)
@@ -181,8 +229,7 @@ def train(
             callbacks=callbacks or [],
         ),
         datasets=task.datasets(recipe, manifest),
-        # validation is not split: every rank scores a hashed share of every row (exact metrics)
-        dataset_config=DataConfig(datasets_to_split=["train"]),
+        dataset_config=ValidationShards(),  # jobs.worker: what validate() reads
     )
     metrics_path = run_dir / "metrics.jsonl"
     tic = time.perf_counter()

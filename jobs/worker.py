@@ -2,7 +2,7 @@
 
     setup -> build (model, AdamW, warm-up + cosine, DeepSpeed engine) -> restore -> fit
     fit:  per epoch, equal micro-batches on every rank -> engine.backward/step
-          -> validation on the whole split (metrics synced by torchmetrics)
+          -> validation, each rank on its share of the split (metrics summed by torchmetrics)
           -> DeepSpeed checkpoint from every rank -> ray.train.report
 
 Every rank runs the same number of forward passes and collectives, in the same order: a
@@ -15,14 +15,13 @@ import contextlib
 import json
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
 import ray.train
 import torch
 import torch.distributed as dist
-from ray.train import Checkpoint
+from ray.train import Checkpoint, DataConfig
 
 from jobs import tasks
 from jobs.config import RecipeBase, recipe_from_dict
@@ -125,20 +124,6 @@ def resolve_dtype(requested: str, use_gpu: bool, task: str) -> str:
     return requested
 
 
-def _mine(ids: list[str], rank: int, world: int) -> np.ndarray:
-    """Rows of a validation batch this rank scores: a stable hash of the id, so every row is
-    scored exactly once across ranks whatever order the rows arrive in."""
-    return np.array([zlib.crc32(i.encode()) % world == rank for i in ids], dtype=bool)
-
-
-def _select(batch: dict, keep: np.ndarray) -> dict:
-    if not keep.any():  # still run a forward pass (ZeRO-3 gathers parameters collectively)
-        keep = np.zeros_like(keep)
-        keep[0] = True
-        return {"_discard": True, **{k: v[keep] for k, v in batch.items()}}
-    return {k: v[keep] for k, v in batch.items()}
-
-
 @torch.no_grad()
 def sync_buffers(module: torch.nn.Module, world: int) -> None:
     """Average BatchNorm running statistics over ranks. DeepSpeed, unlike DDP, never syncs
@@ -149,18 +134,56 @@ def sync_buffers(module: torch.nn.Module, world: int) -> None:
             buf /= world
 
 
+class ValidationShards(DataConfig):
+    """Ray Train's dataset split: "train" into equal shards (every rank takes as many steps), "val"
+    into disjoint shards that drop no row (exact metrics, and each rank reads only its share: the
+    full autonomous validation split is tens of GB)."""
+
+    def __init__(self):
+        super().__init__(datasets_to_split=["train", "val"])
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        val = datasets.get("val")
+        rest = {k: v for k, v in datasets.items() if k != "val"}
+        out = super().configure(rest, world_size, worker_handles, worker_node_ids, **kwargs)
+        if val is not None:
+            if val.name is None:
+                val.set_name("val")
+            shards = val.streaming_split(world_size, equal=False, locality_hints=worker_node_ids)
+            for rank, shard in enumerate(shards):
+                out[rank]["val"] = shard
+        return out
+
+
+def lockstep(batches, device: torch.device):
+    """This rank's batches, then None while any peer still has some: every rank runs as many
+    forward passes as the rank with the most (ZeRO-3 gathers parameters collectively in each)."""
+    batches = iter(batches)
+    while True:
+        batch = next(batches, None)
+        more = torch.tensor([batch is not None], dtype=torch.int32, device=device)
+        dist.all_reduce(more, op=dist.ReduceOp.MAX)
+        if not more.item():
+            return
+        yield batch
+
+
 @torch.no_grad()
-def validate(engine, task, recipe, shard, rank: int, world: int, device, dtype) -> dict:
+def validate(engine, task, recipe, shard, device, dtype, spare: dict) -> dict:
+    """Metrics of this rank's share of the validation split (Ray splits its rows across ranks,
+    none dropped: ValidationShards), summed over ranks by torchmetrics. At ZeRO 3 a rank
+    whose rows ran out keeps stepping forward on `spare` (a training batch) with its peers."""
     engine.eval()
     metric = task.metrics(recipe).to(device)
-    # The validation split is not split by Ray: every rank sees every batch (the same count),
-    # scores its hashed share of rows, and torchmetrics sums the states across ranks.
     size = recipe.train.eval_batch_size or recipe.train.batch_size
-    for batch in shard.iter_batches(batch_size=size, batch_format="numpy"):
-        part = _select(batch, _mine(task.sample_ids(batch), rank, world))
-        output = engine(*task.inputs(part, device, dtype))
-        if not part.get("_discard"):
-            metric.update(output, task.targets(part, device))
+    batches = shard.iter_batches(batch_size=size, batch_format="numpy")
+    if engine.zero_optimization_stage() == 3:
+        batches = lockstep(batches, device)
+    for batch in batches:
+        if batch is None:
+            engine(*task.inputs(spare, device, dtype))
+            continue
+        metric.update(engine(*task.inputs(batch, device, dtype)), task.targets(batch, device))
     engine.train()
     return metric.compute()
 
@@ -324,6 +347,7 @@ def train_loop_per_worker(config: dict) -> None:
         consumed = 0
         for batch in batches:
             clock.ready()
+            spare = batch  # validation's stand-in on a rank whose validation rows ran out (ZeRO 3)
             if consumed == micro_per_epoch or state["step"] >= total_steps:
                 break  # leftover micro-batches would leak an accumulation into the next epoch
             output = engine(*task.inputs(batch, device, dtype))
@@ -370,7 +394,7 @@ def train_loop_per_worker(config: dict) -> None:
             state["epoch"] += 1
         # 5. validate, checkpoint, report
         sync_buffers(engine.module, world)
-        metrics = validate(engine, task, recipe, val_shard, rank, world, device, dtype)
+        metrics = validate(engine, task, recipe, val_shard, device, dtype, spare)
         logger.log(metrics, state["step"])
         if rank == 0:
             _send(progress, {"kind": "val", "step": state["step"], "epoch": state["epoch"], **metrics})
