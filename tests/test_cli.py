@@ -161,3 +161,19 @@ def test_images_that_do_not_decode_fail_or_are_counted(tmp_path):
     manifest = __import__("json").loads((tmp_path / "skip" / "manifest.json").read_text())
     assert manifest["meta"]["skipped_images"] == ["3_left"]
     assert sum(s["rows"] for s in manifest["splits"].values()) == 23
+
+
+@pytest.mark.timeout(240)
+def test_a_recipe_that_cannot_fit_is_refused_before_any_worker_starts(tmp_path):
+    """The memory plan (jobs.plan) against this machine: a 100M-row embedding table in fp32 with
+    AdamW needs ~150 GB a worker; one line with the numbers, and no run starts."""
+    recsys = str(CONFIGS / "recsys.yaml")
+    sets = [f"data.root={tmp_path / 'data'}", "model.num_tracks=100000001", "model.embedding_dim=128"]
+    args = ["train", recsys, "--profile", "tiny", "--output-dir", str(tmp_path / "runs")]
+    line = one_line_error(deepfleet(*args, *[x for s in sets for x in ("--set", s)]))
+    assert "recipe needs" in line and "GB per CPU worker at ZeRO 2 over 2 CPU workers" in line, line
+    assert not list((tmp_path / "runs").glob("*/metrics.jsonl"))  # no worker reported anything
+    # ZeRO 3 with offload still gathers the whole table (one layer) in each forward: also refused
+    offload = [*sets, "train.zero_stage=3", "train.offload=cpu"]
+    line = one_line_error(deepfleet(*args, *[x for s in offload for x in ("--set", s)]))
+    assert "at ZeRO 3 over 2 CPU workers" in line, line

@@ -112,6 +112,13 @@ ZERO_SETS = (
 )
 
 
+# ZeRO-Offload steps DeepSpeed's CPU Adam: AdamW's formula in vectorised C++, which rounds
+# differently from torch's AdamW. The two optimizers alone on the same model and batches (no
+# engine) drift apart by 2.5e-3 in 10 steps at the tiny recipe's lr 2e-3 and by 2e-5 at 2e-4:
+# this early phase amplifies rounding, whoever does it. The offload run compares at the lower lr.
+OFFLOAD_LR = 2e-4
+
+
 @pytest.fixture(scope="module")
 def zero_runs(ray_local, tiny_data, tmp_path_factory) -> dict:
     """ZERO_STEPS steps of the tiny recipe with ZeRO 0-3 on 2 workers, and ZeRO 3 with CPU offload
@@ -124,7 +131,7 @@ def zero_runs(ray_local, tiny_data, tmp_path_factory) -> dict:
     for stage in (0, 1, 2, 3, "3-offload"):
         sets = (*ZERO_SETS, f"train.max_steps={ZERO_STEPS}", f"train.zero_stage={str(stage)[0]}")
         if stage == "3-offload":
-            sets = (*sets, "train.offload=cpu")
+            sets = (*sets, "train.offload=cpu", f"train.lr={OFFLOAD_LR}")
         recipe = _recipe(tiny_data, out, *sets, name=f"zero{stage}")
         summary = train(recipe)
         run_dir = Path(summary["paths"]["run_dir"])
@@ -139,8 +146,9 @@ def zero_runs(ray_local, tiny_data, tmp_path_factory) -> dict:
 
 @pytest.mark.timeout(900)
 def test_zero_stages_match_plain_pytorch(zero_runs, tiny_data):
-    """ZERO_STEPS steps with ZeRO 0-3 (and 3 with offload) on 2 workers give the losses of a plain single-process loop
-    over the same global batches (each rank's half through its own forward, as DDP does).
+    """ZERO_STEPS steps with ZeRO 0-3, and 3 with CPU offload, on 2 workers give the losses of a
+    plain single-process loop over the same global batches (each rank's half through its own
+    forward, as DDP does).
 
     Gradient clipping is off here, and only here: DeepSpeed divides gradients by the clip ratio
     where torch multiplies by its inverse, a 1-ulp difference per element that this early,
@@ -161,13 +169,13 @@ def test_zero_stages_match_plain_pytorch(zero_runs, tiny_data):
         assert [ln["step"] for ln in runs[stage]] == list(range(1, ZERO_STEPS + 1))
 
     # the plain loop: same recipe, same seed, the rows each step traced, torch only
-    recipe = zero_runs[3]["recipe"]
     task = tasks.get("retinopathy")
     table = pq.read_table([str(p) for p in sorted((tiny_data / "train").glob("*.parquet"))]).to_pydict()
     rows = dict(zip(table["image_id"], zip(table["image"], table["label"], strict=True), strict=True))
-    t, cpu = recipe.train, torch.device("cpu")
+    cpu = torch.device("cpu")
 
-    def plain_losses(trace: list[dict]) -> list[float]:
+    def plain_losses(trace: list[dict], recipe) -> list[float]:
+        t = recipe.train
         torch.manual_seed(t.seed)
         model = tasks.build_model(recipe)
         opt = torch.optim.AdamW(model.parameters(), lr=t.lr, weight_decay=t.weight_decay)
@@ -198,11 +206,13 @@ def test_zero_stages_match_plain_pytorch(zero_runs, tiny_data):
     replayed: dict[str, list[float]] = {}  # stages that saw the same rows share one replay
     try:
         for stage, trace in runs.items():
-            ours = [ln["loss"] for ln in trace]
-            assert ours[-1] < ours[0] - 0.1, ours  # real steps: the loss moved
-            key = json.dumps([ln["batch_ids"] for ln in trace])
+            ours, recipe = [ln["loss"] for ln in trace], zero_runs[stage]["recipe"]
+            assert ours[-1] < ours[0] - (0.1 if recipe.train.lr > OFFLOAD_LR else 0.02), (
+                ours
+            )  # the loss moved
+            key = json.dumps([recipe.train.lr, [ln["batch_ids"] for ln in trace]])
             if key not in replayed:
-                replayed[key] = plain_losses(trace)
+                replayed[key] = plain_losses(trace, recipe)
             np.testing.assert_allclose(ours, replayed[key], rtol=1e-4, err_msg=f"ZeRO stage {stage}")
     finally:
         torch.set_num_threads(threads)
