@@ -678,9 +678,11 @@ def preprocess_images(
     augment: bool = False,
     rng: np.random.Generator | None = None,
 ) -> np.ndarray:
-    """8 uint8 H x W x 3 camera images (camera order) -> normalised float32 [8, 3, H, W].
+    """8 uint8 H x W x 3 camera images (camera order) -> uint8 [8, 3, H, W].
 
     The one transform that training (via :func:`decode_batch`), evaluation and serving use.
+    Pixels stay uint8 until they reach the model's device, where the task normalises them with
+    MEAN and STD (jobs.tasks.normalised): a quarter of the bytes through Ray and the bus.
     Raises DataError for a wrong camera count, a non-RGB image, or a size other than
     ``image_size`` (H, W) or the first camera's.
     """
@@ -695,11 +697,13 @@ def preprocess_images(
             raise DataError(
                 f"camera {k} image is {a.shape[0]}x{a.shape[1]} (HxW), expected {want[0]}x{want[1]}"
             )
-    x = np.stack(arrs).astype(np.float32) / np.float32(255.0)
+    x = np.stack(arrs)
     if augment:
-        x = _jitter(x, rng if rng is not None else np.random.default_rng())
-    x = (x - MEAN) / STD
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2), dtype=np.float32)
+        x = _jitter(
+            x.astype(np.float32) / np.float32(255.0), rng if rng is not None else np.random.default_rng()
+        )
+        x = np.rint(x * 255).astype(np.uint8)  # _jitter clips to [0, 1]
+    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
 def _field(box: Any, name: str, i: int) -> Any:
@@ -717,7 +721,7 @@ def decode_batch(
 ) -> dict[str, np.ndarray]:
     """Decode stored rig records for a model (B = rows, C = 8 cameras, M = max_boxes).
 
-    Returns ``sample_id`` object [B], ``images`` float32 [B, C, 3, H, W] (normalised),
+    Returns ``sample_id`` object [B], ``images`` uint8 [B, C, 3, H, W],
     ``depth`` float32 [B, C, H, W] (metres, 0 = invalid), ``boxes`` float32 [B, C, M, 4]
     (xyxy / (W, H), zero padded), ``box_labels`` int64 [B, C, M] (-1 padded; a camera with more
     than M boxes keeps its M largest), ``lanes`` float32 [B, C, L, P, 2] ((u, v) / (W, H)) and
@@ -729,7 +733,7 @@ def decode_batch(
     n = len(ids)
     out = {
         "sample_id": np.asarray(ids, dtype=object),
-        "images": np.empty((n, NUM_CAMERAS, 3, h, w), dtype=np.float32),
+        "images": np.empty((n, NUM_CAMERAS, 3, h, w), dtype=np.uint8),
         "depth": np.empty((n, NUM_CAMERAS, h, w), dtype=np.float32),
         "boxes": np.zeros((n, NUM_CAMERAS, max_boxes, 4), dtype=np.float32),
         "box_labels": np.full((n, NUM_CAMERAS, max_boxes), -1, dtype=np.int64),

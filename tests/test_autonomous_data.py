@@ -10,6 +10,7 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image
 
 from data_loaders import autonomous as au
@@ -262,7 +263,7 @@ def test_decode_batch_shapes_dtypes_and_augment():
     H, W = SIZE
     want = {
         "sample_id": ((3,), object),
-        "images": ((3, C, 3, H, W), np.float32),
+        "images": ((3, C, 3, H, W), np.uint8),  # normalised on the model's device
         "depth": ((3, C, H, W), np.float32),
         "boxes": ((3, C, MAX_BOXES, 4), np.float32),
         "box_labels": ((3, C, MAX_BOXES), np.int64),
@@ -273,7 +274,10 @@ def test_decode_batch_shapes_dtypes_and_augment():
         k: (s, np.dtype(d)) for k, (s, d) in want.items()
     }
     assert list(out["sample_id"]) == [r["sample_id"] for r in recs]
-    assert abs(float(out["images"].mean())) < 0.5 and 0.6 < float(out["images"].std()) < 1.5  # MEAN/STD fit
+    from jobs import tasks
+
+    x = tasks.get("autonomous").inputs(out, torch.device("cpu"), torch.float32)[0]  # the model's input
+    assert abs(float(x.mean())) < 0.5 and 0.6 < float(x.std()) < 1.5  # MEAN/STD fit
     rgbs = [np.asarray(Image.open(io.BytesIO(b))) for b in recs[0]["images"]]
     assert np.array_equal(out["images"][0], au.preprocess_images(rgbs))  # the one shared transform
     assert np.allclose(out["depth"][0, 2], au.decode_depth_png(recs[0]["depths"][2]))
@@ -496,7 +500,7 @@ def test_read_split_with_ray(tmp_path, ray_local):
     batches = list(ds.iter_batches(batch_size=4, batch_format="numpy"))  # one pass: Ray Data is slow to start
     b = batches[0]
     assert set(b) == {"sample_id", "images", "depth", "boxes", "box_labels", "lanes", "lane_exists"}
-    assert b["images"].shape == (4, C, 3, *SIZE) and b["images"].dtype == np.float32
+    assert b["images"].shape == (4, C, 3, *SIZE) and b["images"].dtype == np.uint8
     assert b["depth"].shape == (4, C, *SIZE) and b["boxes"].shape == (4, C, MAX_BOXES, 4)
     assert b["box_labels"].dtype == np.int64 and b["lanes"].shape == (4, C, LANES, POINTS, 2)
     assert sum(len(x["sample_id"]) for x in batches) == m["splits"]["train"]["rows"]

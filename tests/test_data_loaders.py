@@ -10,11 +10,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import torch
 from PIL import Image, ImageDraw
 
 from data_loaders import retinopathy as rd
 from data_loaders.errors import DataError
 from data_loaders.shards import load_manifest, sha256_file, shard_paths, verify, write_splits
+from jobs import tasks
 
 SMALL = pa.schema([("id", pa.int64()), ("text", pa.string())])
 
@@ -330,12 +332,13 @@ def _batch(n: int = 4, size: int = 32) -> dict[str, np.ndarray]:
 def test_decode_batch_shapes_and_determinism():
     batch = _batch()
     out = rd.decode_batch(batch, 32, augment=False)
-    assert out["image"].shape == (4, 3, 32, 32) and out["image"].dtype == np.float32
+    assert out["image"].shape == (4, 3, 32, 32) and out["image"].dtype == np.uint8  # normalised on the device
     assert out["label"].dtype == np.int64 and list(out["label"]) == list(batch["label"])
     assert list(out["image_id"]) == list(batch["image_id"])
     assert np.array_equal(out["image"], rd.decode_batch(batch, 32, augment=False)["image"])
     assert np.array_equal(out["image"][0], rd.preprocess_image(batch["image"][0], 32))  # one shared transform
-    assert abs(float(out["image"].mean())) < 1.5  # normalised
+    x = tasks.get("retinopathy").inputs(out, torch.device("cpu"), torch.float32)[0]  # the model's input
+    assert x.dtype == torch.float32 and abs(float(x.mean())) < 1.5  # normalised with MEAN and STD
     aug = rd.decode_batch(batch, 32, augment=True, seed=1)["image"]
     assert np.array_equal(aug, rd.decode_batch(batch, 32, augment=True, seed=1)["image"])
     assert not np.array_equal(aug, out["image"])
@@ -354,7 +357,7 @@ def test_decode_batch_names_bad_image():
 def test_preprocess_image_accepts_jpeg_photos(tmp_path):
     _photo(tmp_path / "p.jpg", size=(300, 200), fmt="JPEG")
     x = rd.preprocess_image((tmp_path / "p.jpg").read_bytes(), 64)
-    assert x.shape == (3, 64, 64) and x.dtype == np.float32
+    assert x.shape == (3, 64, 64) and x.dtype == np.uint8
 
 
 @pytest.mark.timeout(60)
@@ -378,7 +381,7 @@ def test_read_split_with_ray(tmp_path, ray_local):
     m = _prepare(tmp_path, num_images=24)
     ds = rd.read_split(tmp_path, "train", 32, augment=True, manifest=m)
     batches = list(ds.iter_batches(batch_size=4, batch_format="numpy"))  # one pass: Ray Data is slow to start
-    assert batches[0]["image"].shape == (4, 3, 32, 32) and batches[0]["image"].dtype == np.float32
+    assert batches[0]["image"].shape == (4, 3, 32, 32) and batches[0]["image"].dtype == np.uint8
     assert set(batches[0]) == {"image", "label", "image_id"}
     assert sum(len(b["label"]) for b in batches) == m["splits"]["train"]["rows"]
     path = tmp_path / m["splits"]["train"]["shards"][0]["path"]

@@ -115,8 +115,10 @@ def _post(served, task: str, body, **kw) -> requests.Response:
 @pytest.mark.timeout(1800)  # alone, the first test pays for the three tiny fits and the deployment
 def test_deepfleet_serve_answers_all_three_tasks(served):
     from data_loaders.retinopathy import preprocess_image
+    from jobs import tasks
     from jobs.export import load_exported
 
+    cpu = torch.device("cpu")
     for task in ("retinopathy", "autonomous", "recsys"):
         assert f"POST {served['base']}/{task}/predict" in served["stdout"]
         health = requests.get(f"{served['base']}/{task}/health", timeout=60)
@@ -138,8 +140,8 @@ def test_deepfleet_serve_answers_all_three_tasks(served):
         answer = r.json()
         assert answer["version"] == r.headers["x-model-version"] in ("v1", "v2")
         with torch.no_grad():
-            x = torch.as_tensor(preprocess_image(png, card["input"]["image_size"]))[None]
-            p = torch.softmax(model(x), -1)[0].numpy()
+            x = {"image": preprocess_image(png, card["input"]["image_size"])[None]}
+            p = torch.softmax(model(*tasks.get("retinopathy").inputs(x, cpu, torch.float32)), -1)[0].numpy()
         np.testing.assert_allclose(answer["probabilities"], p, atol=1e-5)
         assert answer["grade"] == int(p.argmax()) and answer["referable"] == (p[2:].sum() >= 0.5)
 
@@ -162,7 +164,8 @@ def test_deepfleet_serve_answers_all_three_tasks(served):
         )
     rgbs = [np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for png in rig]
     with torch.no_grad():
-        depth = model(torch.as_tensor(preprocess_images(rgbs, (h, w)))[None])["depth"][0]
+        x = {"images": preprocess_images(rgbs, (h, w))[None]}
+        depth = model(*tasks.get("autonomous").inputs(x, cpu, torch.float32))["depth"][0]
     offline = torch.nn.functional.avg_pool2d(depth[:, None], 8, 8)[:, 0].numpy()
     np.testing.assert_allclose(answer["depth"]["metres"], offline, atol=0.006)
     assert np.asarray(answer["depth"]["metres"]).shape == (NUM_CAMERAS, h // 8, w // 8)

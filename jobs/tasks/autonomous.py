@@ -13,7 +13,7 @@ from torchvision.ops import box_convert, generalized_box_iou, generalized_box_io
 
 from data_loaders import autonomous as data
 from jobs.config import AutonomousLoss, AutonomousRecipe
-from jobs.tasks import save_figure
+from jobs.tasks import normalised, save_figure
 
 if TYPE_CHECKING:
     from jobs.tasks.autonomous_metrics import PerceptionMetrics
@@ -72,7 +72,7 @@ def input_spec(recipe: AutonomousRecipe) -> dict:
 
 
 def inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor]:
-    return (torch.as_tensor(batch["images"], device=device, dtype=dtype),)
+    return (normalised(batch["images"], device, dtype, data.MEAN, data.STD),)
 
 
 def targets(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
@@ -246,7 +246,7 @@ def plot(metric: PerceptionMetrics, example, out_dir: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     batch, output = example
-    images = batch["images"][0].transpose(0, 2, 3, 1) * data.STD + data.MEAN
+    images = batch["images"][0].transpose(0, 2, 3, 1) / 255.0
     h, w = images.shape[1:3]
     prob = output["logits"][0].float().softmax(-1)[..., :-1]
     scores, labels = prob.max(-1)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from data_loaders import retinopathy as data
 from jobs.config import RetinopathyRecipe
-from jobs.tasks import save_figure
+from jobs.tasks import normalised, save_figure
 
 if TYPE_CHECKING:
     from jobs.tasks.retinopathy_metrics import GradeMetrics
@@ -59,7 +59,7 @@ def input_spec(recipe: RetinopathyRecipe) -> dict:
 
 
 def inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor]:
-    return (torch.as_tensor(batch["image"], device=device, dtype=dtype),)
+    return (normalised(batch["image"], device, dtype, data.MEAN, data.STD),)
 
 
 def targets(batch: dict, device: torch.device) -> torch.Tensor:
