@@ -265,8 +265,8 @@ class TrainSection(Section):
     grad_accum: int = Field(1, ge=1)
     """Micro-batches accumulated before each optimizer step."""
     eval_batch_size: int | None = Field(None, ge=1)
-    """Rows per validation batch (every worker reads every one and scores its share); no
-    gradients are kept, so it can well exceed batch_size. None: batch_size."""
+    """Rows per validation batch (each worker reads its own share of the split); no gradients
+    are kept, so it can well exceed batch_size. None: batch_size."""
     lr: float = Field(3e-4, gt=0)
     """Peak learning rate of AdamW."""
     weight_decay: float = Field(1e-4, ge=0)

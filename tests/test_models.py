@@ -74,3 +74,34 @@ def test_full_flavours_take_one_training_step_at_batch_2(flavour, size):
     with torch.no_grad():
         assert model(x).shape == (2, 5)  # eval mode: logits only
     assert sum(p.numel() for p in model.parameters()) > 20_000_000
+
+
+@pytest.mark.timeout(300)
+def test_every_profile_builds_its_exact_model_on_the_meta_device(tmp_path):
+    """Every recipe profile's model at its full shape (the 4M-row recsys table, eight ResNet-50s,
+    d_model 2048), built without memory: the shapes never rot, and the sizes are the ones the
+    README and `deepfleet plan` quote. Recsys reads its feature sizes from prepared data."""
+    import yaml
+
+    from jobs import tasks
+    from jobs.config import load_recipe
+    from tests.conftest import CONFIGS
+
+    recsys_data = tmp_path / "recsys"
+    small = load_recipe(CONFIGS / "recsys.yaml", "tiny", [f"data.root={recsys_data}", "data.num_tracks=300",
+                        "data.num_users=40", "data.num_sessions=200"])  # fmt: skip
+    tasks.get("recsys").prepare(small)
+    sizes = {}
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        for profile in yaml.safe_load(path.read_text())["profiles"]:
+            sets = [f"data.root={recsys_data}"] if path.stem == "recsys" else []
+            if path.stem == "recsys" and profile == "mssd":
+                sets.append("data.import_path=unused")  # the importer is not run here
+            recipe = load_recipe(path, profile, sets)
+            with torch.device("meta"):
+                model = tasks.build_model(recipe)
+            sizes[f"{path.stem}-{profile}"] = sum(p.numel() for p in model.parameters())
+    assert 25e6 < sizes["retinopathy-full"] < 26e6 and 24e6 < sizes["retinopathy-resnet50"] < 25e6
+    assert 450e6 < sizes["autonomous-full"] < 452e6 and 615e6 < sizes["autonomous-zero3"] < 616e6
+    # the recsys full table: 4,000,001 x 128 (512M) of its 514M parameters, whatever the catalogue
+    assert sizes["recsys-full"] == sizes["recsys-zero3"] and 514e6 < sizes["recsys-full"] < 515e6

@@ -12,6 +12,8 @@ from torchmetrics.utilities import dim_zero_cat
 
 from jobs.tasks.recsys import TOP_K
 
+ROWS = {"prob": torch.float32, "relevant": torch.long, "cold": torch.bool, "index": torch.long}
+
 
 class RankingMetrics(torchmetrics.Metric):
     """AUC over all rows, NDCG@10 and precision@10 per candidate list, AUC over rows whose
@@ -32,10 +34,23 @@ class RankingMetrics(torchmetrics.Metric):
     def __init__(self, with_loss: bool = True):
         super().__init__()
         self.with_loss = with_loss
-        for name in ("prob", "relevant", "cold", "index"):  # one value per row
+        for name in ROWS:  # one value per row
             self.add_state(name, default=[], dist_reduce_fx="cat")
         self.add_state("loss_sum", torch.tensor(0.0, dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("count", torch.tensor(0, dtype=torch.long), dist_reduce_fx="sum")
+        self._no_rows_yet()
+
+    def reset(self) -> None:
+        super().reset()
+        self._no_rows_yet()
+
+    def _no_rows_yet(self) -> None:
+        """Each row state starts with an empty tensor: a rank that scores no row (validation
+        rows are split across ranks, and a small split may leave one rank none) still joins
+        every gather of the sync; an empty list would skip them and the collectives would no
+        longer pair up."""
+        for name, dtype in ROWS.items():
+            getattr(self, name).append(torch.empty(0, dtype=dtype, device=self.device))
 
     def update(self, scores: torch.Tensor, target: dict[str, torch.Tensor]) -> None:
         """scores: logits [B] (a ranking score for baselines); target: label, is_cold, index [B]."""
