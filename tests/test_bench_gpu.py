@@ -12,13 +12,15 @@ GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU
 
 @pytest.mark.timeout(600)
 def test_gpu_section_measures_on_cpu_workers(ray_local, tmp_path):
+    if not _native():
+        pytest.skip("the section trains in bf16: this CPU has no native bf16")
     from jobs.bench import gpu
 
     lines: list[str] = []
     tiny = (("retinopathy-tiny", "retinopathy", "tiny", ["data.num_images=300"], 8, 2),)
     result = gpu.run(["retinopathy"], False, tmp_path, lines.append, device="cpu", runs=tiny)
     r = result["runs"]["retinopathy-tiny"]
-    assert r["ours"]["dtype"] == "bf16" or not _native()
+    assert r["ours"]["dtype"] == "bf16" and r["ours"]["zero_stage"] == 0  # one rank runs ZeRO 0
     assert r["ours"]["samples_per_s"] > 0 and r["plain"]["samples_per_s"] > 0 and 0.1 < r["ratio"] < 10
     assert r["ours"]["step_s"] > 0 and r["ours"]["wait_s"] >= 0
     assert r["flops_per_sample"] > 1e8 and r["mfu"] > 0  # a ResNet-10 at 96 px: ~0.4 GFLOP a sample

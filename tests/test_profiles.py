@@ -72,6 +72,10 @@ def shrunk(task: str, profile: str, data_root: Path, out: Path, *more: str):
     return load_recipe(path, profile, [*sets, *more])
 
 
+def _lines(run_dir: Path) -> list[dict]:
+    return [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
 def _mssd(tmp_path: Path, recipe) -> list[str]:
     """A profile that imports MSSD logs reads a folder in the published layout."""
     from data_loaders.recsys import write_mssd_csv
@@ -100,19 +104,22 @@ def test_profile_trains_resumes_and_exports(ray_local, tmp_path, task, profile):
     narrow = set(NARROW[task])
     assert first.model.model_dump(exclude=narrow) == shipped.model.model_dump(exclude=narrow)
 
-    one = train(first, echo=False)
-    assert one["steps"] == 1 and one["restores"] == []
-    assert one["zero_stage"] == zero_stage(first, 2) and one["world_size"] == 2
-    assert one["dtype"] in (("bf16", "fp32") if first.train.dtype == "auto" else (first.train.dtype,))
+    train(first, echo=False, export=False)  # one step, checkpointed
+    (setup,) = [ln for ln in _lines(first.run_dir) if ln["kind"] == "setup"]
+    assert setup["zero_stage"] == zero_stage(first, 2) and setup["world"] == 2
+    assert setup["offload"] == first.train.offload
+    assert setup["dtype"] in (("bf16", "fp32") if first.train.dtype == "auto" else (first.train.dtype,))
 
     # the same run started again with one more step: restored from its checkpoint, then exported
     again = train(
         first.model_copy(update={"train": first.train.model_copy(update={"max_steps": 2})}), echo=False
     )
-    assert again["restores"] == [1] and again["steps"] == 2 and again["dtype"] == one["dtype"]
+    assert again["restores"] == [1] and again["steps"] == 2 and again["dtype"] == setup["dtype"]
 
     model, card = load_exported(again["paths"]["model"])
-    assert card["training"]["dtype"] == again["dtype"] and card["training"]["zero_stage"] == one["zero_stage"]
+    assert (
+        card["training"]["dtype"] == again["dtype"] and card["training"]["zero_stage"] == setup["zero_stage"]
+    )
     built = tasks.build_model(first)  # the profile's exact architecture came back
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in built.parameters())
     assert json.loads((Path(again["paths"]["run_dir"]) / "summary.json").read_text())["steps"] == 2

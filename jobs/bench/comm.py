@@ -43,8 +43,7 @@ def _rank(rank: int, port: int, args, out) -> None:
         )  # fmt: skip
         torch.manual_seed(0)
         engine, _ = build(recipe, 2, "fp32", total_steps=100)
-        engine._config.comms_config.comms_logger_enabled = True
-        ds_comm.configure(deepspeed_config=engine._config, enabled=True, prof_all=True)
+        ds_comm.configure(enabled=True, prof_all=True, verbose=False, debug=False)
         batches = task.iter_split(args.data, "train", recipe.train.batch_size)
         touched = []
         for step, batch in zip(range(args.steps + 1), batches, strict=False):
