@@ -23,9 +23,11 @@ def recipe(task: str, root: Path, *overrides: str):
 
 
 def fake_checkpoint(model: torch.nn.Module, path: Path, tag: str = "final") -> Path:
-    """A ZeRO-0 DeepSpeed checkpoint as export reads it: rank 0's module state."""
+    """A ZeRO-0 DeepSpeed checkpoint as export reads it: rank 0's module state and the config
+    that names its stage (DeepSpeed's model-states file carries both)."""
     (path / tag).mkdir(parents=True)
-    torch.save({"module": model.state_dict()}, path / tag / "mp_rank_00_model_states.pt")
+    states = {"module": model.state_dict(), "ds_config": {"zero_optimization": {"stage": 0}}}
+    torch.save(states, path / tag / "mp_rank_00_model_states.pt")
     return path
 
 
