@@ -145,6 +145,7 @@ def train(
     echo: bool = True,
     export: bool = True,
     turns=None,
+    check_fit: bool = True,
 ) -> dict | None:
     """Run (or resume) the recipe's training; returns the summary that is also written to summary.json.
 
@@ -154,7 +155,9 @@ def train(
     sweep, which exports its best trial only (the scheduler may stop a trial at any report);
     turns: before each epoch and after the last, rank 0 calls turns.hand_over(step) and every
     rank waits until it returns (deepfleet bench times its plain PyTorch loop there:
-    jobs.bench.train_step.Turns)."""
+    jobs.bench.train_step.Turns);
+    check_fit: check the memory plan first (check_memory); a Tune sweep checks it once before
+    its trials, whose drivers hold no GPU to ask and would wait for one their peers hold."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -196,7 +199,8 @@ def train(
     steps_per_epoch, total_steps = plan_steps(recipe, manifest)
     connect(address)
     check_cluster(recipe, embedded)
-    check_memory(recipe, embedded)
+    if check_fit:
+        check_memory(recipe, embedded)
     s = recipe.scaling
 
     # on the driver's node: losing a worker node must not lose the progress log (restores included)

@@ -151,7 +151,7 @@ def run_trial(config: dict, base: dict, sweep_dir: str, sweep: str) -> None:
         for line in done:
             tune.report({k: v for k, v in line.items() if k not in ("kind", "time")})
         return
-    train(recipe, callbacks=[TuneReportCallback()], echo=False, export=False)
+    train(recipe, callbacks=[TuneReportCallback()], echo=False, export=False, check_fit=False)
 
 
 # ---------------------------------------------------------------- the sweep
@@ -269,13 +269,14 @@ def sweep(recipe: RecipeBase, address: str | None = None) -> dict:
     from ray import tune
 
     from cluster.local import connect
-    from jobs.train import check_recipe, prepare_data
+    from jobs.train import check_memory, check_recipe, prepare_data
 
     # 1. everything checked, the data prepared once, before any trial starts
     metric, mode = metric_and_mode(recipe)
     space = check_sweep(recipe)
     base = base_trial_recipe(recipe)
-    check_recipe(base, embedded=not (address or os.environ.get("RAY_ADDRESS")))
+    embedded = not (address or os.environ.get("RAY_ADDRESS"))
+    check_recipe(base, embedded)
     name = recipe.run.name or f"{recipe.task}-{recipe.profile or 'default'}-sweep"
     sweep_dir = Path(recipe.run.output_dir).expanduser().resolve() / name
     # paths travel to trials on other nodes: absolute (shared storage on clusters)
@@ -286,6 +287,7 @@ def sweep(recipe: RecipeBase, address: str | None = None) -> dict:
     connect(address)
     import ray
 
+    check_memory(base, embedded)  # once, not per trial
     at_once = trials_at_once(base, ray.cluster_resources())
     max_t = base.train.epochs
     defaults = defaults_point(recipe, base) if recipe.tune.include_defaults else None

@@ -144,7 +144,7 @@ def precision(recipe, batches: list[dict], steps: int, repeats: int) -> dict | N
     batches), timed in alternating windows so the host's drift moves both alike; the ratio is
     the median of the pairs' bf16/fp32. None where the CPU has no native bf16 (the engine then
     refuses bf16)."""
-    from jobs.worker import native_bf16
+    from jobs.worker import native_bf16, resolve_dtype
 
     if not native_bf16():
         return None
@@ -160,9 +160,7 @@ def precision(recipe, batches: list[dict], steps: int, repeats: int) -> dict | N
         "bf16_samples_per_s": statistics.median(p["bf16"] for p in pairs),
         "ratio": statistics.median(p["bf16"] / p["fp32"] for p in pairs),
         "pairs": pairs,
-        "auto": engine_dtype(
-            recipe.model_copy(update={"train": recipe.train.model_copy(update={"dtype": "auto"})})
-        ),
+        "auto": resolve_dtype("auto", recipe.scaling.use_gpu, recipe.task),  # what dtype auto runs here
     }
 
 
