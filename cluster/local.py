@@ -77,7 +77,7 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
         os.environ.setdefault("RAY_OVERRIDE_JOB_RUNTIME_ENV", "1")
         try:
             return ray.init(
-                address=address, runtime_env=runtime_env, log_to_driver=True, logging_level="ERROR"
+                address=address, runtime_env=runtime_env, log_to_driver=verbose(), logging_level="ERROR"
             )
         except (ConnectionError, RuntimeError, ValueError) as e:
             raise ConnectionError(f"no Ray cluster at {address}: {str(e).splitlines()[0]}") from None
@@ -93,4 +93,13 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
         dashboard_host="127.0.0.1",
         logging_level="ERROR",
         configure_logging=quiet,
+        log_to_driver=verbose(),
     )
+
+
+def verbose() -> bool:
+    """`deepfleet ... --verbose` (DEEPFLEET_VERBOSE=1): the output of Ray's actors and tasks (Ray
+    Data's executors, Train's controller, Serve's replicas) is forwarded to this console, as Ray
+    does by default. Without it that output stays in Ray's session logs, and training workers
+    write theirs to the run's logs/ folder (jobs.tracking)."""
+    return os.environ.get("DEEPFLEET_VERBOSE", "") not in ("", "0")

@@ -15,6 +15,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from jobs.config import recipe_from_options
+
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
@@ -38,6 +40,18 @@ Address = Annotated[
 OutputDir = Annotated[str | None, typer.Option(help="Where run directories live (default ./runs).")]
 Name = Annotated[str | None, typer.Option(help="Run name; a run whose name exists is resumed.")]
 Config = Annotated[Path, typer.Argument(help="Recipe YAML, e.g. configs/retinopathy.yaml.")]
+Verbose = Annotated[
+    bool,
+    typer.Option(
+        "--verbose", "-v", help="Also show Ray's log lines, the workers' output and library warnings."
+    ),
+]
+
+
+def _verbosity(verbose: bool) -> None:
+    """--verbose reaches every part of the run through the environment (cluster.local.verbose)."""
+    if verbose:
+        os.environ["DEEPFLEET_VERBOSE"] = "1"
 
 
 def user_facing(fn):
@@ -58,23 +72,6 @@ def user_facing(fn):
             raise typer.Exit(130) from None
 
     return wrapper
-
-
-def _recipe(
-    config: Path,
-    profile: str | None,
-    sets: list[str] | None,
-    output_dir: str | None = None,
-    name: str | None = None,
-):
-    from jobs.config import load_recipe
-
-    sets = list(sets or [])
-    if output_dir:
-        sets.append(f"run.output_dir={output_dir}")
-    if name:
-        sets.append(f"run.name={name}")
-    return load_recipe(config, profile, sets)
 
 
 def _metrics_table(title: str, metrics: dict, baseline: dict | None = None) -> Table:
@@ -101,7 +98,7 @@ def prepare(config: Config, profile: Profile = None, set_: Sets = None):
     """Generate or import the recipe's data into Parquet shards with a manifest."""
     from jobs import tasks
 
-    recipe = _recipe(config, profile, set_)
+    recipe = recipe_from_options(config, profile, set_)
     manifest = tasks.get(recipe.task).prepare(recipe)
     rows = {k: v["rows"] for k, v in manifest["splits"].items()}
     out.print(f"{recipe.data.root}: {rows} fingerprint {manifest['fingerprint'][:16]}")
@@ -116,11 +113,13 @@ def train(
     address: Address = None,
     output_dir: OutputDir = None,
     name: Name = None,
+    verbose: Verbose = False,
 ):
     """Train with DeepSpeed on Ray Train; export the model; write summary.json."""
     from jobs.train import train as run
 
-    summary = run(_recipe(config, profile, set_, output_dir, name), address=address)
+    _verbosity(verbose)
+    summary = run(recipe_from_options(config, profile, set_, output_dir, name), address=address)
     out.print(
         _metrics_table(
             f"{summary['run']}: validation after {summary['steps']} steps",
@@ -149,7 +148,7 @@ def evaluate(
     """Score an exported model on a split with torch alone; write metrics.json and plots."""
     from jobs.evaluate import evaluate as run
 
-    recipe = _recipe(config, profile, set_, output_dir, name)
+    recipe = recipe_from_options(config, profile, set_, output_dir, name)
     model_dir = Path(model) if model else recipe.run_dir / "model"
     result = run(model_dir, recipe.data.root, split=split)
     out.print(_metrics_table(f"exported model on the {split} split ({result['val_rows']} rows)", result))
@@ -168,11 +167,13 @@ def tune(
     name: Annotated[
         str | None, typer.Option(help="Sweep name; a sweep whose name exists is resumed.")
     ] = None,
+    verbose: Verbose = False,
 ):
     """Search the recipe's `tune.space` with Ray Tune (a full training run per trial); register the best."""
     from jobs.tune import flatten, sweep
 
-    s = sweep(_recipe(config, profile, set_, output_dir, name), address=address)
+    _verbosity(verbose)
+    s = sweep(recipe_from_options(config, profile, set_, output_dir, name), address=address)
     table = Table(title=f"sweep {s['sweep']}: {s['num_trials']} trials, {s['stopped_early']} stopped early")
     params = flatten(s["trials"][0]["config"])
     for col in ("trial", "", "epochs", s["metric"], *params):
@@ -223,7 +224,7 @@ def promote(
     from jobs.promote import register_run
     from jobs.registry import Registry
 
-    recipe = _recipe(config, profile, set_, output_dir, name)
+    recipe = recipe_from_options(config, profile, set_, output_dir, name)
     if version is None:
         entry = register_run(recipe, Path(model) if model else None)
         out.print(
@@ -393,7 +394,7 @@ def plan(
     from jobs.plan import GB, HEADROOM
     from jobs.plan import plan as make
 
-    p = make(_recipe(config, profile, set_), gpu_memory * GB, gpus)
+    p = make(recipe_from_options(config, profile, set_), gpu_memory * GB, gpus)
     if as_json:
         out.print_json(data=p)
         return
@@ -481,6 +482,23 @@ def bench(
         )
     out.print(targets)
     out.print(f"results: {Path(results).resolve()}")
+
+
+config_app = typer.Typer(no_args_is_help=True, help="Recipes: show one resolved, with each field's doc.")
+app.add_typer(config_app, name="config")
+
+
+@config_app.command("show")
+@user_facing
+def config_show(config: Config, profile: Profile = None, set_: Sets = None):
+    """Print the resolved recipe (file + profile + --set) as YAML, each field's doc as a comment."""
+    from jobs.docs import annotated_yaml
+
+    recipe = recipe_from_options(config, profile, set_)
+    sets = "".join(f", --set {s}" for s in set_ or [])
+    header = f"{config}, profile {profile or 'none'}{sets}: resolved by deepfleet config show"
+    # plain stdout, not rich: YAML's [lists] would read as markup, and the output is meant to be saved
+    typer.echo(annotated_yaml(recipe, header), nl=False)
 
 
 def out_print(line: str) -> None:

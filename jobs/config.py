@@ -11,11 +11,18 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import types
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+if TYPE_CHECKING:  # the loaders import numpy, pyarrow and PIL: only when a recipe is checked
+    from data_loaders.autonomous import AutonomousSettings
+    from data_loaders.recsys import RecsysSettings
+    from data_loaders.retinopathy import RetinopathySettings
 
 
 class ConfigError(Exception):
@@ -27,9 +34,28 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, use_attribute_docstrings=True)
 
 
-class RetinopathyData(Section):
-    source: Literal["synthetic", "eyepacs", "aptos", "auto"] = "synthetic"
-    """Where images come from: the synthetic fundus generator, or an importer for a public layout."""
+class DataSection(Section):
+    """A task's data section. The rules on what `prepare` reads live once, in the loader's settings
+    type (`data_loaders.<task>`, callable without a recipe); a recipe that breaks one fails to load."""
+
+    def settings(self) -> Any:
+        """The loader's settings built from this section (each task's section says which type)."""
+        raise NotImplementedError
+
+    @model_validator(mode="after")
+    def _loader_rules(self) -> DataSection:
+        from data_loaders.errors import DataError
+
+        try:
+            self.settings()
+        except DataError as err:
+            raise ValueError(str(err)) from None
+        return self
+
+
+class RetinopathyData(DataSection):
+    source: str = "synthetic"
+    """Where images come from: `synthetic` (the fundus generator), or an importer: `eyepacs`, `aptos`, `auto` (detected)."""
     import_path: str | None = None
     """Folder holding an EyePACS (`trainLabels.csv`) or APTOS (`train.csv`) download; importers only."""
     root: str = "data/retinopathy"
@@ -38,26 +64,26 @@ class RetinopathyData(Section):
     """Synthetic: images to generate (both eyes of num_images/2 patients); importers: at most this many (0: all)."""
     image_size: int = Field(299, ge=16, le=2048)
     """Side of the square image the model sees (299 for InceptionV3, 512 for ResNet-50)."""
-    rows_per_shard: int = Field(2048, ge=1)
+    rows_per_shard: int = 2048
     """Rows per Parquet shard."""
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    val_fraction: float = 0.1
     """Share of patients in the validation split."""
-    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = 0.1
     """Share of patients in the test split."""
-    label_noise: float = Field(0.05, ge=0.0, le=1.0)
+    label_noise: float = 0.05
     """Synthetic only: share of labels moved to a neighbouring grade, as graders disagree."""
-    on_bad_image: Literal["skip", "fail"] = "skip"
-    """An image that does not decode: skip it and count it in the manifest, or stop with its name."""
+    on_bad_image: str = "skip"
+    """An image that does not decode: `skip` it and count it in the manifest, or `fail` with its name."""
     augment: bool = True
     """Random flips, small rotations and colour jitter on the training split."""
     seed: int = 0
     """Seed of generation and of the patient split."""
 
-    @model_validator(mode="after")
-    def _fractions(self) -> RetinopathyData:
-        if self.val_fraction + self.test_fraction >= 1.0:
-            raise ValueError("val_fraction + test_fraction must be below 1")
-        return self
+    def settings(self) -> RetinopathySettings:
+        """What `data_loaders.retinopathy.prepare` takes; building it checks the loader's rules."""
+        from data_loaders.retinopathy import RetinopathySettings
+
+        return RetinopathySettings(**self.model_dump(exclude={"augment"}))
 
 
 class RetinopathyModel(Section):
@@ -80,9 +106,9 @@ class RetinopathyModel(Section):
         return self.model_dump(exclude={"name", "flavour"}, exclude_none=True)
 
 
-class AutonomousData(Section):
-    source: Literal["synthetic", "rig"] = "synthetic"
-    """Where rigs come from: the synthetic 8-camera generator, or a rig folder (layout in the README)."""
+class AutonomousData(DataSection):
+    source: str = "synthetic"
+    """Where rigs come from: `synthetic` (the 8-camera generator), or `rig` (a rig folder, layout in the README)."""
     import_path: str | None = None
     """Rig folder (`<sample_id>/cam0..7.png, depth0..7.png, annotations.json`); source rig only."""
     root: str = "data/autonomous"
@@ -93,24 +119,31 @@ class AutonomousData(Section):
     """Height of every camera image the model sees."""
     image_width: int = Field(448, ge=16, le=4096)
     """Width of every camera image the model sees."""
-    rows_per_shard: int = Field(512, ge=1)
+    rows_per_shard: int = 512
     """Rigs per Parquet shard."""
-    val_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    val_fraction: float = 0.1
     """Share of rigs in the validation split."""
-    test_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    test_fraction: float = 0.1
     """Share of rigs in the test split."""
-    max_boxes: int = Field(16, ge=1)
+    max_boxes: int = 16
     """Most boxes kept per camera (the largest ones); the model needs at least as many object queries."""
-    num_lanes: int = Field(4, ge=1)
+    num_lanes: int = 4
     """Lane-line slots per camera (lines from left to right)."""
-    lane_points: int = Field(20, ge=2)
+    lane_points: int = 20
     """Points per lane, evenly spaced along its visible part."""
-    on_bad_sample: Literal["skip", "fail"] = "skip"
-    """A rig that breaks the layout (camera count, sizes, boxes): skip and count it, or stop naming it."""
+    on_bad_sample: str = "skip"
+    """A rig that breaks the layout (camera count, sizes, boxes): `skip` and count it, or `fail` naming it."""
     augment: bool = True
     """Photometric jitter per camera on the training split (geometry untouched)."""
     seed: int = 0
     """Seed of generation and of the split."""
+
+    def settings(self) -> AutonomousSettings:
+        """What `data_loaders.autonomous.prepare` takes; building it checks the loader's rules."""
+        from data_loaders.autonomous import AutonomousSettings
+
+        fields = self.model_dump(exclude={"augment", "image_height", "image_width"})
+        return AutonomousSettings(**fields, image_size=(self.image_height, self.image_width))
 
 
 class AutonomousModel(Section):
@@ -162,51 +195,49 @@ class AutonomousLoss(Section):
     """L1 distance of log depth over pixels with depth."""
 
 
-class RecsysData(Section):
-    source: Literal["synthetic", "mssd"] = "synthetic"
-    """Where sessions come from: the synthetic MSSD-shaped generator, or the MSSD CSV importer."""
+class RecsysData(DataSection):
+    source: str = "synthetic"
+    """Where sessions come from: `synthetic` (the MSSD-shaped generator), or `mssd` (the MSSD CSV importer)."""
     import_path: str | None = None
     """Folder holding an MSSD download (`track_features/*.csv`, `training_set/*.csv`); source mssd only."""
     root: str = "data/recsys"
     """Folder of the Parquet shards, `tracks.parquet` and `manifest.json` (created by `deepfleet prepare`)."""
-    num_tracks: int = Field(100_000, ge=10)
+    num_tracks: int = 100_000
     """Synthetic: tracks in the catalogue (10% released after the train period: the cold-start tracks)."""
-    num_users: int = Field(20_000, ge=1)
+    num_users: int = 20_000
     """Synthetic: hidden listeners behind the sessions (MSSD logs have no user column)."""
-    num_sessions: int = Field(200_000, ge=1)
+    num_sessions: int = 200_000
     """Synthetic: listening sessions of 10-20 tracks each."""
-    num_days: int = Field(60, ge=3)
+    num_days: int = 60
     """Synthetic: days the sessions span; splits are by date (train first, then val, then test)."""
-    cold_fraction: float = Field(0.1, ge=0.0, lt=1.0)
+    cold_fraction: float = 0.1
     """Synthetic: share of tracks released after the train period (never seen in training)."""
-    history_len: int = Field(10, ge=1)
+    history_len: int = 10
     """Earlier events of the session the model sees before each candidate (the most recent ones)."""
-    negatives_per_event: int = Field(2, ge=0)
+    negatives_per_event: int = 2
     """Sampled tracks per training query, as label-0 rows beside the real one."""
-    eval_negatives: int = Field(19, ge=1)
+    eval_negatives: int = 19
     """Sampled tracks per validation/test query: each query is ranked in a list of 1 + this many."""
-    n_mels: int = Field(16, ge=1)
+    n_mels: int = 16
     """Synthetic: mel bands of each track's spectrogram-like audio array."""
-    frames: int = Field(32, ge=1)
+    frames: int = 32
     """Synthetic: time frames of each track's audio array."""
-    rows_per_shard: int = Field(50_000, ge=1)
+    rows_per_shard: int = 50_000
     """Rows (query, candidate pairs) per Parquet shard."""
-    val_fraction: float = Field(0.15, gt=0.0, lt=1.0)
+    val_fraction: float = 0.15
     """Share of days (after the train days) in the validation split."""
-    test_fraction: float = Field(0.15, gt=0.0, lt=1.0)
+    test_fraction: float = 0.15
     """Share of days (the last ones) in the test split."""
-    on_bad_row: Literal["skip", "fail"] = "fail"
-    """Importer: a log row that breaks the layout stops with its file and line, or drops its session."""
+    on_bad_row: str = "fail"
+    """Importer: a log row that breaks the layout: `fail` with its file and line, or `skip` (drop its session)."""
     seed: int = 0
     """Seed of generation and of negative sampling."""
 
-    @model_validator(mode="after")
-    def _check(self) -> RecsysData:
-        if self.val_fraction + self.test_fraction >= 1.0:
-            raise ValueError("val_fraction + test_fraction must be below 1")
-        if self.source == "mssd" and not self.import_path:
-            raise ValueError("source mssd reads the folder at data.import_path: set it")
-        return self
+    def settings(self) -> RecsysSettings:
+        """What `data_loaders.recsys.prepare` takes; building it checks the loader's rules."""
+        from data_loaders.recsys import RecsysSettings
+
+        return RecsysSettings(**self.model_dump())
 
 
 class RecsysModel(Section):
@@ -497,6 +528,22 @@ def _parse_set(item: str) -> tuple[list[str], Any]:
     return key.strip().split("."), value
 
 
+def _takes_text(cls: type[BaseModel], keys: list[str]) -> bool:
+    """Whether the field at dotted `keys` holds text only (str, or str or None): YAML reads `off`,
+    `yes` or `1e3` as other types, which such a field would refuse."""
+    for i, key in enumerate(keys):
+        field = cls.model_fields.get(key)
+        if field is None:
+            return False
+        ann = field.annotation
+        if i < len(keys) - 1:
+            if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+                return False
+            cls = ann
+    union = typing.get_origin(ann) in (typing.Union, types.UnionType)
+    return ann is str or (union and set(typing.get_args(ann)) == {str, type(None)})
+
+
 def _valid_keys(cls: type[BaseModel], prefix: str = "") -> list[str]:
     keys = []
     for name, field in cls.model_fields.items():
@@ -546,6 +593,9 @@ def load_recipe(
         raw["profile"] = profile
     for item in overrides or []:
         keys, value = _parse_set(item)
+        cls = RECIPES.get(raw.get("task"))
+        if cls is not None and not isinstance(value, str | None) and _takes_text(cls, keys):
+            value = item.split("=", 1)[1].strip()  # `--set run.name=off` names a run "off", not False
         node = raw
         for k in keys[:-1]:
             node = node.setdefault(k, {})
@@ -560,6 +610,23 @@ def load_recipe(
         return cls.model_validate(raw)
     except ValidationError as e:
         raise ConfigError(_error_line(e, cls, str(path))) from None
+
+
+def recipe_from_options(
+    path: str | Path,
+    profile: str | None = None,
+    sets: list[str] | None = None,
+    output_dir: str | None = None,
+    name: str | None = None,
+) -> RecipeBase:
+    """The recipe a command's options describe: `load_recipe` with `--output-dir` and `--name`
+    applied as the `run.output_dir` and `run.name` overrides they stand for."""
+    overrides = list(sets or [])
+    if output_dir:
+        overrides.append(f"run.output_dir={output_dir}")
+    if name:
+        overrides.append(f"run.name={name}")
+    return load_recipe(path, profile, overrides)
 
 
 def with_values(recipe: RecipeBase, values: dict[str, Any], source: str) -> RecipeBase:

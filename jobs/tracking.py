@@ -1,15 +1,72 @@
-"""Rank and logging live here: W&B from rank 0 only, progress from rank 0 to the driver."""
+"""Rank and logging live here: W&B from rank 0 only, progress from rank 0 to the driver, and
+what reaches the console (deepfleet's own lines; Ray's and the libraries' go to the run's logs)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
+import os
 import re
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from cluster.local import verbose
+
+# loggers whose records a user did not ask to see; their errors still reach the console
+_NOISY = ("ray", "ray.data", "py.warnings")
+
+
+@contextlib.contextmanager
+def run_log(path: Path) -> Iterator[None]:
+    """Driver side, for the length of a run: Ray's INFO lines and warnings from libraries append
+    to `path` (the run's logs/driver.log) instead of the console. Nothing changes with --verbose."""
+    if verbose():
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.captureWarnings(True)
+    saved = []
+    for name in _NOISY:
+        logger = logging.getLogger(name)
+        saved.append((logger, logger.level, logger.propagate, [(h, h.level) for h in logger.handlers]))
+        for h in logger.handlers:
+            if not isinstance(h, logging.FileHandler):
+                h.setLevel(logging.ERROR)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+        logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        for logger, level, propagate, handlers in saved:
+            logger.removeHandler(handler)
+            logger.setLevel(level)
+            logger.propagate = propagate
+            for h, h_level in handlers:
+                h.setLevel(h_level)
+        logging.captureWarnings(False)
+        handler.close()
+
+
+def output_to_file(path: Path) -> None:
+    """Worker side: this process's stdout and stderr (prints, warnings, DeepSpeed's and torch's
+    C++ lines, Ray Train's result dumps) append to `path`, the rank's log in the run directory,
+    instead of Ray's worker logs, which Ray forwards to the driver's console."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
 
 
 def wandb_id(run_dir: Path) -> str:
@@ -116,6 +173,8 @@ class Progress:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._pump, daemon=True)
         self._bar = None
+        self._shown_step: int | None = None
+        self._shown_at = 0.0
 
     def __enter__(self) -> Progress:
         if self.echo and self.console.is_terminal:
@@ -167,7 +226,7 @@ class Progress:
             info = f"epoch {m['epoch']}  loss {m['loss']:.4f}  lr {m['lr']:.2e}  {m['samples_per_s']:.1f} samples/s"
             if self._bar is not None:
                 self._bar.update(self._task, completed=m["step"], info=info)
-            else:
+            elif self._due(m["step"]):
                 self._print(f"step {m['step']}/{self.total}  {info}")
         elif kind == "val":
             shown = "  ".join(f"{k} {v:.4f}" for k, v in m.items() if isinstance(v, float) and k != "time")
@@ -183,6 +242,21 @@ class Progress:
             )
         elif kind == "restore":
             self._print(f"resumed from the checkpoint of step {m['step']} (epoch {m['epoch']})")
+
+    # in logs, a step line every tenth of the run (and at least every few minutes), not every window
+    LOG_FRACTION, LOG_SECONDS = 0.1, 300.0
+
+    def _due(self, step: int) -> bool:
+        now = time.monotonic()
+        due = (
+            self._shown_step is None
+            or step >= self.total
+            or step - self._shown_step >= self.LOG_FRACTION * self.total
+            or now - self._shown_at >= self.LOG_SECONDS
+        )
+        if due:
+            self._shown_step, self._shown_at = step, now
+        return due
 
     def _print(self, line: str) -> None:
         if self._bar is not None:

@@ -5,6 +5,7 @@ python -m jobs.train configs/retinopathy.yaml --profile tiny [--set key=value ..
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -146,6 +147,7 @@ def train(
     export: bool = True,
     turns=None,
     check_fit: bool = True,
+    verbose: bool | None = None,
 ) -> dict | None:
     """Run (or resume) the recipe's training; returns the summary that is also written to summary.json.
 
@@ -157,23 +159,17 @@ def train(
     rank waits until it returns (deepfleet bench times its plain PyTorch loop there:
     jobs.bench.train_step.Turns);
     check_fit: check the memory plan first (check_memory); a Tune sweep checks it once before
-    its trials, whose drivers hold no GPU to ask and would wait for one their peers hold."""
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-    from ray.util.queue import Queue
-    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
-
+    its trials, whose drivers hold no GPU to ask and would wait for one their peers hold;
+    verbose: Ray's lines, the workers' output and library warnings on the console as well (default:
+    --verbose, jobs.tracking.verbose); otherwise they go to the run's logs/ folder."""
     # jobs.export (finish) is imported before the run, not after it: a Ray job's driver runs in
     # the job's unpacked working directory, which Ray may delete and unpack afresh while the run
     # goes on (seen when a node is lost), and torch reads the working directory when it first
     # imports torch._dynamo (through torchvision): FileNotFoundError after a finished run.
     import jobs.export  # noqa: F401
-    from cluster.local import connect, worker_env
-    from jobs.tracking import Progress
-    from jobs.worker import ValidationShards, train_loop_per_worker
+    from cluster.local import connect
+    from jobs import tracking
 
-    task = tasks.get(recipe.task)
     # paths travel to workers on other nodes: make them absolute (shared storage on clusters)
     recipe.data.root = str(Path(recipe.data.root).expanduser().resolve())
     run_dir = recipe.run_dir
@@ -196,12 +192,34 @@ def train(
     embedded = not (address or os.environ.get("RAY_ADDRESS"))
     check_recipe(recipe, embedded)
     manifest = prepare_data(recipe)  # no Ray needed: data mistakes surface in seconds
-    steps_per_epoch, total_steps = plan_steps(recipe, manifest)
+    steps = plan_steps(recipe, manifest)
+    verbose = tracking.verbose() if verbose is None else verbose
     connect(address)
     check_cluster(recipe, embedded)
     if check_fit:
         check_memory(recipe, embedded)
-    s = recipe.scaling
+    with tracking.run_log(run_dir / "logs" / "driver.log") if not verbose else contextlib.nullcontext():
+        result, wall = _fit(recipe, manifest, steps, callbacks, echo, turns, verbose)
+    if result.checkpoint is None:
+        raise UserError(f"training of {run_dir} ended without a checkpoint")
+    return finish(recipe, result.checkpoint, manifest, wall) if export else None
+
+
+def _fit(recipe: RecipeBase, manifest: dict, steps: tuple[int, int], callbacks, echo, turns, verbose) -> tuple:
+    """Ray Train's fit of the recipe on the connected cluster: its result and wall time."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.v2.api.exceptions import TrainingFailedError
+    from ray.util.queue import Queue
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    from cluster.local import worker_env
+    from jobs.tracking import Progress
+    from jobs.worker import ValidationShards, train_loop_per_worker
+
+    task, run_dir, s = tasks.get(recipe.task), recipe.run_dir, recipe.scaling
+    steps_per_epoch, total_steps = steps
 
     # on the driver's node: losing a worker node must not lose the progress log (restores included)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
@@ -215,6 +233,7 @@ def train(
             "run_dir": str(run_dir),
             "progress": progress,
             "turns": turns,
+            "verbose": verbose,
         },
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
         scaling_config=ScalingConfig(
@@ -235,19 +254,14 @@ def train(
         datasets=task.datasets(recipe, manifest),
         dataset_config=ValidationShards(),  # jobs.worker: what validate() reads
     )
-    metrics_path = run_dir / "metrics.jsonl"
     tic = time.perf_counter()
-    from ray.train.v2.api.exceptions import TrainingFailedError
-
-    with Progress(progress, metrics_path, total_steps, f"{recipe.task} {recipe.run_name}", echo=echo):
+    title = f"{recipe.task} {recipe.run_name}"
+    with Progress(progress, run_dir / "metrics.jsonl", total_steps, title, echo=echo):
         try:
             result = trainer.fit()
         except TrainingFailedError as e:
             raise UserError(_failure_line(e)) from None
-    wall = time.perf_counter() - tic
-    if result.checkpoint is None:
-        raise UserError(f"training of {run_dir} ended without a checkpoint")
-    return finish(recipe, result.checkpoint, manifest, wall) if export else None
+    return result, time.perf_counter() - tic
 
 
 def finish(recipe: RecipeBase, checkpoint, manifest: dict, wall: float | None = None) -> dict:

@@ -26,7 +26,7 @@ from ray.train import Checkpoint, DataConfig
 from jobs import tasks
 from jobs.config import RecipeBase, recipe_from_dict
 from jobs.errors import UserError
-from jobs.tracking import RunLogger, StepClock
+from jobs.tracking import RunLogger, StepClock, output_to_file
 
 CKPT_TAG = "ds"  # one fixed tag: Ray already versions checkpoint directories
 
@@ -308,6 +308,8 @@ def train_loop_per_worker(config: dict) -> None:
     t = recipe.train
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    if not config.get("verbose"):  # the console shows the driver's progress, not each worker's output
+        output_to_file(Path(config["run_dir"]) / "logs" / f"worker-{rank}.log")
     device = ray.train.torch.get_device()
     dtype_name = resolve_dtype(t.dtype, recipe.scaling.use_gpu, recipe.task)
     # inputs stay fp32: the engine's autocast casts them where a layer computes in bf16
