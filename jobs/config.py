@@ -65,13 +65,13 @@ class RetinopathyData(DataSection):
     image_size: int = Field(299, ge=16, le=2048)
     """Side of the square image the model sees (299 for InceptionV3, 512 for ResNet-50)."""
     rows_per_shard: int = 2048
-    """Rows per Parquet shard."""
+    """Rows per Parquet shard (>= 1)."""
     val_fraction: float = 0.1
-    """Share of patients in the validation split."""
+    """Share of patients in the validation split (>= 0; with test_fraction, below 1)."""
     test_fraction: float = 0.1
-    """Share of patients in the test split."""
+    """Share of patients in the test split (>= 0)."""
     label_noise: float = 0.05
-    """Synthetic only: share of labels moved to a neighbouring grade, as graders disagree."""
+    """Synthetic only: share of labels moved to a neighbouring grade, as graders disagree (0-1)."""
     on_bad_image: str = "skip"
     """An image that does not decode: `skip` it and count it in the manifest, or `fail` with its name."""
     augment: bool = True
@@ -120,17 +120,17 @@ class AutonomousData(DataSection):
     image_width: int = Field(448, ge=16, le=4096)
     """Width of every camera image the model sees."""
     rows_per_shard: int = 512
-    """Rigs per Parquet shard."""
+    """Rigs per Parquet shard (>= 1)."""
     val_fraction: float = 0.1
-    """Share of rigs in the validation split."""
+    """Share of rigs in the validation split (>= 0; with test_fraction, below 1)."""
     test_fraction: float = 0.1
-    """Share of rigs in the test split."""
+    """Share of rigs in the test split (>= 0)."""
     max_boxes: int = 16
-    """Most boxes kept per camera (the largest ones); the model needs at least as many object queries."""
+    """Most boxes kept per camera (the largest ones); the model needs at least as many object queries (>= 1)."""
     num_lanes: int = 4
-    """Lane-line slots per camera (lines from left to right)."""
+    """Lane-line slots per camera (lines from left to right; >= 1)."""
     lane_points: int = 20
-    """Points per lane, evenly spaced along its visible part."""
+    """Points per lane, evenly spaced along its visible part (>= 2)."""
     on_bad_sample: str = "skip"
     """A rig that breaks the layout (camera count, sizes, boxes): `skip` and count it, or `fail` naming it."""
     augment: bool = True
@@ -203,31 +203,31 @@ class RecsysData(DataSection):
     root: str = "data/recsys"
     """Folder of the Parquet shards, `tracks.parquet` and `manifest.json` (created by `deepfleet prepare`)."""
     num_tracks: int = 100_000
-    """Synthetic: tracks in the catalogue (10% released after the train period: the cold-start tracks)."""
+    """Synthetic: tracks in the catalogue (10% released after the train period: the cold-start tracks; >= 10)."""
     num_users: int = 20_000
-    """Synthetic: hidden listeners behind the sessions (MSSD logs have no user column)."""
+    """Synthetic: hidden listeners behind the sessions (MSSD logs have no user column; >= 1)."""
     num_sessions: int = 200_000
-    """Synthetic: listening sessions of 10-20 tracks each."""
+    """Synthetic: listening sessions of 10-20 tracks each (>= 1)."""
     num_days: int = 60
-    """Synthetic: days the sessions span; splits are by date (train first, then val, then test)."""
+    """Synthetic: days the sessions span; splits are by date (train first, then val, then test; at least 3)."""
     cold_fraction: float = 0.1
-    """Synthetic: share of tracks released after the train period (never seen in training)."""
+    """Synthetic: share of tracks released after the train period (never seen in training; 0 to below 1)."""
     history_len: int = 10
-    """Earlier events of the session the model sees before each candidate (the most recent ones)."""
+    """Earlier events of the session the model sees before each candidate (the most recent ones; >= 1)."""
     negatives_per_event: int = 2
-    """Sampled tracks per training query, as label-0 rows beside the real one."""
+    """Sampled tracks per training query, as label-0 rows beside the real one (>= 0)."""
     eval_negatives: int = 19
-    """Sampled tracks per validation/test query: each query is ranked in a list of 1 + this many."""
+    """Sampled tracks per validation/test query: each query is ranked in a list of 1 + this many (>= 1)."""
     n_mels: int = 16
-    """Synthetic: mel bands of each track's spectrogram-like audio array."""
+    """Synthetic: mel bands of each track's spectrogram-like audio array (>= 1)."""
     frames: int = 32
-    """Synthetic: time frames of each track's audio array."""
+    """Synthetic: time frames of each track's audio array (>= 1)."""
     rows_per_shard: int = 50_000
-    """Rows (query, candidate pairs) per Parquet shard."""
+    """Rows (query, candidate pairs) per Parquet shard (>= 1)."""
     val_fraction: float = 0.15
-    """Share of days (after the train days) in the validation split."""
+    """Share of days (after the train days) in the validation split (> 0; with test_fraction, below 1)."""
     test_fraction: float = 0.15
-    """Share of days (the last ones) in the test split."""
+    """Share of days (the last ones) in the test split (> 0)."""
     on_bad_row: str = "fail"
     """Importer: a log row that breaks the layout: `fail` with its file and line, or `skip` (drop its session)."""
     seed: int = 0
@@ -456,6 +456,9 @@ class RegistrySection(Section):
 
 
 class RecipeBase(Section):
+    if TYPE_CHECKING:  # each task's recipe declares it as a Literal field (a field here would reorder dumps)
+        task: str
+
     profile: str | None = None
     """Profile the recipe was resolved with (set by the loader)."""
     train: TrainSection = TrainSection()
@@ -593,7 +596,7 @@ def load_recipe(
         raw["profile"] = profile
     for item in overrides or []:
         keys, value = _parse_set(item)
-        cls = RECIPES.get(raw.get("task"))
+        cls = RECIPES.get(raw.get("task", ""))
         if cls is not None and not isinstance(value, str | None) and _takes_text(cls, keys):
             value = item.split("=", 1)[1].strip()  # `--set run.name=off` names a run "off", not False
         node = raw

@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -145,7 +146,7 @@ def train(
     callbacks: list | None = None,
     echo: bool = True,
     export: bool = True,
-    turns=None,
+    epoch_hook=None,
     check_fit: bool = True,
     verbose: bool | None = None,
 ) -> dict | None:
@@ -155,9 +156,9 @@ def train(
     echo: print progress (a Tune trial leaves that to the sweep's own lines);
     export: export the model and write summary.json (`finish`); a Tune trial leaves that to the
     sweep, which exports its best trial only (the scheduler may stop a trial at any report);
-    turns: before each epoch and after the last, rank 0 calls turns.hand_over(step) and every
-    rank waits until it returns (deepfleet bench times its plain PyTorch loop there:
-    jobs.bench.train_step.Turns);
+    epoch_hook: a function of the step, called on rank 0 before each epoch and after the last with
+    no input pipeline running, while every rank waits for it (deepfleet bench times its plain
+    PyTorch loop there: jobs.bench.train_step.Turns.hand_over);
     check_fit: check the memory plan first (check_memory); a Tune sweep checks it once before
     its trials, whose drivers hold no GPU to ask and would wait for one their peers hold;
     verbose: Ray's lines, the workers' output and library warnings on the console as well (default:
@@ -199,13 +200,13 @@ def train(
     if check_fit:
         check_memory(recipe, embedded)
     with tracking.run_log(run_dir / "logs" / "driver.log") if not verbose else contextlib.nullcontext():
-        result, wall = _fit(recipe, manifest, steps, callbacks, echo, turns, verbose)
+        result, wall = _fit(recipe, manifest, steps, callbacks, echo, epoch_hook, verbose)
     if result.checkpoint is None:
         raise UserError(f"training of {run_dir} ended without a checkpoint")
     return finish(recipe, result.checkpoint, manifest, wall) if export else None
 
 
-def _fit(recipe: RecipeBase, manifest: dict, steps: tuple[int, int], callbacks, echo, turns, verbose) -> tuple:
+def _fit(recipe: RecipeBase, manifest: dict, steps: tuple[int, int], callbacks, echo, epoch_hook, verbose):
     """Ray Train's fit of the recipe on the connected cluster: its result and wall time."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -232,7 +233,7 @@ def _fit(recipe: RecipeBase, manifest: dict, steps: tuple[int, int], callbacks, 
             "total_steps": total_steps,
             "run_dir": str(run_dir),
             "progress": progress,
-            "turns": turns,
+            "epoch_hook": epoch_hook,
             "verbose": verbose,
         },
         torch_config=TorchConfig(backend="nccl" if s.use_gpu else "gloo"),
@@ -264,6 +265,30 @@ def _fit(recipe: RecipeBase, manifest: dict, steps: tuple[int, int], callbacks, 
     return result, time.perf_counter() - tic
 
 
+def train_siblings(recipe: RecipeBase, manifest: dict) -> dict[str, dict]:
+    """The task's sibling runs (`siblings`: recsys trains its MF baseline on the same data and
+    engine), each trained, resumed, or reused when a finished run of the same recipe on the same
+    data exists; their summaries by name, for the task's baseline()."""
+    import ray
+
+    siblings = getattr(tasks.get(recipe.task), "siblings", None)
+    out = {}
+    for name, sibling in (siblings(recipe) if siblings else {}).items():
+        done = sibling.run_dir / "summary.json"
+        summary = json.loads(done.read_text()) if done.is_file() else None
+        if summary and (summary.get("config_hash"), summary.get("data_fingerprint")) != (
+            sibling.config_hash(),
+            manifest["fingerprint"],
+        ):
+            summary = None
+        if summary is None:
+            print(f"sibling run {sibling.run_name}: {name}", file=sys.stderr, flush=True)
+            # the driver is connected already; naming its cluster skips the embedded-cluster checks
+            summary = train(sibling, address=ray.get_runtime_context().gcs_address)
+        out[name] = summary
+    return out
+
+
 def finish(recipe: RecipeBase, checkpoint, manifest: dict, wall: float | None = None) -> dict:
     """Export a finished run's checkpoint (a ray.train.Checkpoint) and write its summary.json."""
     from jobs.export import export
@@ -277,7 +302,7 @@ def finish(recipe: RecipeBase, checkpoint, manifest: dict, wall: float | None = 
     # what the workers ran, as they reported it (a CPU driver cannot tell what a GPU worker resolved)
     setup = (lines.get("setup") or [{}])[-1]
     metrics = {k: val[k] for k in (*task.METRICS, "val_loss", "val_rows") if k in val}
-    baseline = task.baseline(recipe, manifest)
+    baseline = task.baseline(recipe, manifest, train_siblings(recipe, manifest))
     with checkpoint.as_directory() as ckpt:
         state = json.loads(Path(ckpt, "state.json").read_text())
         model_dir = export(

@@ -264,33 +264,12 @@ def _trial_dirname(trial) -> str:
     return trial.trial_id
 
 
-def sweep(recipe: RecipeBase, address: str | None = None) -> dict:
-    """Run (or resume) the recipe's sweep; register the best model; write sweep.json."""
+def _tuner(recipe, base, space: dict, sweep_dir: Path, name: str, goal: tuple[str, str], at_once: int, defaults):
+    """A new Tuner over the space, or the one a killed sweep left (its finished trials kept)."""
     from ray import tune
 
-    from cluster.local import connect
-    from jobs.train import check_memory, check_recipe, prepare_data
-
-    # 1. everything checked, the data prepared once, before any trial starts
-    metric, mode = metric_and_mode(recipe)
-    space = check_sweep(recipe)
-    base = base_trial_recipe(recipe)
-    embedded = not (address or os.environ.get("RAY_ADDRESS"))
-    check_recipe(base, embedded)
-    name = recipe.run.name or f"{recipe.task}-{recipe.profile or 'default'}-sweep"
-    sweep_dir = Path(recipe.run.output_dir).expanduser().resolve() / name
-    # paths travel to trials on other nodes: absolute (shared storage on clusters)
-    recipe.data.root = base.data.root = str(Path(recipe.data.root).expanduser().resolve())
-    manifest = prepare_data(base)  # once, before the trials (they reuse the shards)
-    save_recipe(recipe, sweep_dir / "config.yaml")
-
-    connect(address)
-    import ray
-
-    check_memory(base, embedded)  # once, not per trial
-    at_once = trials_at_once(base, ray.cluster_resources())
+    metric, mode = goal
     max_t = base.train.epochs
-    defaults = defaults_point(recipe, base) if recipe.tune.include_defaults else None
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial, base=base.model_dump(mode="json"), sweep_dir=str(sweep_dir), sweep=name
@@ -305,7 +284,6 @@ def sweep(recipe: RecipeBase, address: str | None = None) -> dict:
         callbacks=[_printer(metric, max_t)],
         failure_config=tune.FailureConfig(max_failures=0),
     )
-    tic, started = time.perf_counter(), time.time()
     if tune.Tuner.can_restore(str(storage)):
         _say(f"resuming sweep {sweep_dir}: finished trials are kept")
         tuner = tune.Tuner.restore(
@@ -331,22 +309,12 @@ def sweep(recipe: RecipeBase, address: str | None = None) -> dict:
             ),
             run_config=run_config,
         )
-    # 2. the trials
-    grid = tuner.fit()
-    wall = time.perf_counter() - tic
-    if grid.num_terminated + grid.num_errors < len(grid):  # Ctrl-C: Tune saved its state and returned
-        raise UserError(f"sweep {name} interrupted: start the same command again to resume it")
+    return tuner
 
-    trials = [_trial_summary(r, sweep_dir, metric, max_t) for r in grid]
-    trials.sort(key=lambda t: t["trial_id"])
-    finished = [t for t in trials if t["epochs"] >= max_t]
-    if not finished:
-        raise UserError(f"sweep {name}: no trial trained to its last epoch (see {storage})")
-    sign = 1 if mode == "max" else -1
-    best = max(finished, key=lambda t: sign * t["metrics"][metric])
-    default_trial = next((t for t in trials if defaults and _same(t["config"], defaults)), None)
 
-    # 3. the winner: export its last checkpoint, score it on the test split, register it
+def _register_best(recipe, base, best: dict, sweep_dir: Path, name: str, manifest: dict) -> tuple[dict, bool | None]:
+    """Export the best trial's last checkpoint, score it on the test split and register it (and
+    promote it when the recipe says so); its registry entry and whether it reached production."""
     from ray.train import Checkpoint
 
     from jobs.promote import promote, register_run
@@ -368,6 +336,54 @@ def sweep(recipe: RecipeBase, address: str | None = None) -> dict:
         except UserError as e:
             _say(str(e))
             promoted = False
+    return entry, promoted
+
+
+def sweep(recipe: RecipeBase, address: str | None = None) -> dict:
+    """Run (or resume) the recipe's sweep; register the best model; write sweep.json."""
+    from cluster.local import connect
+    from jobs.train import check_memory, check_recipe, prepare_data
+
+    # 1. everything checked, the data prepared once, before any trial starts
+    metric, mode = metric_and_mode(recipe)
+    space = check_sweep(recipe)
+    base = base_trial_recipe(recipe)
+    embedded = not (address or os.environ.get("RAY_ADDRESS"))
+    check_recipe(base, embedded)
+    name = recipe.run.name or f"{recipe.task}-{recipe.profile or 'default'}-sweep"
+    sweep_dir = Path(recipe.run.output_dir).expanduser().resolve() / name
+    # paths travel to trials on other nodes: absolute (shared storage on clusters)
+    recipe.data.root = base.data.root = str(Path(recipe.data.root).expanduser().resolve())
+    manifest = prepare_data(base)  # once, before the trials (they reuse the shards)
+    save_recipe(recipe, sweep_dir / "config.yaml")
+
+    connect(address)
+    import ray
+
+    check_memory(base, embedded)  # once, not per trial
+    at_once = trials_at_once(base, ray.cluster_resources())
+    max_t = base.train.epochs
+    defaults = defaults_point(recipe, base) if recipe.tune.include_defaults else None
+    tic, started = time.perf_counter(), time.time()
+    storage = sweep_dir / "tune"  # Tune's own state: what a killed sweep resumes from
+    tuner = _tuner(recipe, base, space, sweep_dir, name, (metric, mode), at_once, defaults)
+    # 2. the trials
+    grid = tuner.fit()
+    wall = time.perf_counter() - tic
+    if grid.num_terminated + grid.num_errors < len(grid):  # Ctrl-C: Tune saved its state and returned
+        raise UserError(f"sweep {name} interrupted: start the same command again to resume it")
+
+    trials = [_trial_summary(r, sweep_dir, metric, max_t) for r in grid]
+    trials.sort(key=lambda t: t["trial_id"])
+    finished = [t for t in trials if t["epochs"] >= max_t]
+    if not finished:
+        raise UserError(f"sweep {name}: no trial trained to its last epoch (see {storage})")
+    sign = 1 if mode == "max" else -1
+    best = max(finished, key=lambda t: sign * t["metrics"][metric])
+    default_trial = next((t for t in trials if defaults and _same(t["config"], defaults)), None)
+
+    # 3. the winner: export its last checkpoint, score it on the test split, register it
+    entry, promoted = _register_best(recipe, base, best, sweep_dir, name, manifest)
     summary = {
         "sweep": name,
         "task": recipe.task,

@@ -15,7 +15,10 @@ import contextlib
 import json
 import tempfile
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import ray.train
@@ -235,17 +238,6 @@ def shuffled(windows, size: int, rng: np.random.Generator):
         left = {k: v[order[whole:]] for k, v in window.items()}
 
 
-def hand_over(turns, rank: int, step: int) -> None:
-    """Before each epoch and after the last, with no input pipeline running, lend the machine to
-    whoever holds `turns` (deepfleet bench times its plain PyTorch loop there:
-    jobs.bench.train_step.Turns) and wait until it is handed back, every rank together."""
-    if turns is None:
-        return
-    if rank == 0:
-        turns.hand_over(step)
-    dist.barrier()
-
-
 def save_and_report(engine, state: dict, metrics: dict, rank: int) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         # every rank writes its own ZeRO shard; Ray gathers the rank directories into one checkpoint
@@ -301,128 +293,185 @@ def build(recipe: RecipeBase, world: int, dtype_name: str, total_steps: int):
     return engine, schedule
 
 
-def train_loop_per_worker(config: dict) -> None:
-    # 1. setup
+@dataclass
+class Worker:
+    """One rank's part of the run: what every stage of its loop needs."""
+
+    recipe: RecipeBase
+    task: Any
+    engine: Any
+    schedule: Any
+    device: torch.device
+    rank: int
+    world: int
+    steps_per_epoch: int
+    total_steps: int
+    logger: RunLogger
+    progress: Any  # the driver's queue (Progress), or None
+    epoch_hook: Callable[[int], None] | None
+    # inputs stay fp32: the engine's autocast casts them where a layer computes in bf16
+    dtype: torch.dtype = torch.float32
+
+    def send(self, item: dict) -> None:
+        """A progress line to the driver (rank 0 speaks for every rank)."""
+        if self.rank == 0:
+            _send(self.progress, item)
+
+    def at_epoch_boundary(self, step: int) -> None:
+        """Before each epoch and after the last, with no input pipeline running: rank 0 calls the
+        run's epoch hook (deepfleet bench times its plain PyTorch loop there) while every rank
+        waits for it."""
+        if self.epoch_hook is None:
+            return
+        if self.rank == 0:
+            self.epoch_hook(step)
+        dist.barrier()
+
+
+def setup(config: dict) -> tuple[Worker, dict]:
+    """Steps 1-3: this rank's threads and output, the engine (built with the same seed on every
+    rank), the restored state (after a worker failure, or when the same run name starts again);
+    rank 0 reports what the workers run (the setup line)."""
     recipe = recipe_from_dict(config["recipe"])
-    task = tasks.get(recipe.task)
-    t = recipe.train
+    t, s = recipe.train, recipe.scaling
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     if not config.get("verbose"):  # the console shows the driver's progress, not each worker's output
         output_to_file(Path(config["run_dir"]) / "logs" / f"worker-{rank}.log")
-    device = ray.train.torch.get_device()
-    dtype_name = resolve_dtype(t.dtype, recipe.scaling.use_gpu, recipe.task)
-    # inputs stay fp32: the engine's autocast casts them where a layer computes in bf16
-    dtype = torch.float32
-    steps_per_epoch, total_steps = config["steps_per_epoch"], config["total_steps"]
-    threads_given = torch.get_num_threads()
-    kept = keep_freed_memory()
-    if not recipe.scaling.use_gpu:
+    dtype_name = resolve_dtype(t.dtype, s.use_gpu, recipe.task)
+    threads_given, kept = torch.get_num_threads(), keep_freed_memory()
+    if not s.use_gpu:
         # a worker computes on the CPUs it reserved, whatever process Ray reuses for it
-        torch.set_num_threads(max(1, int(recipe.scaling.cpus_per_worker)))
+        torch.set_num_threads(max(1, int(s.cpus_per_worker)))
     torch.manual_seed(t.seed)  # same initial weights on every rank (DeepSpeed also broadcasts rank 0's)
-
-    # 2. build
-    engine, schedule = build(recipe, world, dtype_name, total_steps)
-
-    # 3. restore (after a worker failure, or when the same run name starts again)
+    engine, schedule = build(recipe, world, dtype_name, config["total_steps"])
     state = restore(engine)
-    logger = RunLogger(rank, recipe, Path(config["run_dir"]))
-    progress = config.get("progress")
-    if rank == 0:
-        setup = {
+    w = Worker(
+        recipe=recipe,
+        task=tasks.get(recipe.task),
+        engine=engine,
+        schedule=schedule,
+        device=ray.train.torch.get_device(),
+        rank=rank,
+        world=world,
+        steps_per_epoch=config["steps_per_epoch"],
+        total_steps=config["total_steps"],
+        logger=RunLogger(rank, recipe, Path(config["run_dir"])),
+        progress=config.get("progress"),
+        epoch_hook=config.get("epoch_hook"),
+    )
+    w.send(
+        {
+            "kind": "setup",
             "world": world,
-            "device": str(device),
+            "device": str(w.device),
             "dtype": dtype_name,
             "zero_stage": zero_stage(recipe, world),
             "recipe_zero_stage": t.zero_stage,
             "offload": t.offload,
+            "threads": torch.get_num_threads(),
+            "threads_given": threads_given,
+            "keep_freed_memory": kept,
         }
-        _send(
-            progress,
-            {
-                "kind": "setup",
-                **setup,
-                "threads": torch.get_num_threads(),
-                "threads_given": threads_given,
-                "keep_freed_memory": kept,
-            },
-        )
-    if rank == 0 and state["restored_from_step"] is not None:
-        _send(progress, {"kind": "restore", "step": state["step"], "epoch": state["epoch"]})
+    )
+    if state["restored_from_step"] is not None:
+        w.send({"kind": "restore", "step": state["step"], "epoch": state["epoch"]})
+    return w, state
 
-    # 4. fit
+
+def train_loop_per_worker(config: dict) -> None:
+    # 1-3. setup, build, restore
+    w, state = setup(config)
+    t = w.recipe.train
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
-    micro_per_epoch = steps_per_epoch * t.grad_accum
-    global_batch = t.batch_size * t.grad_accum * world
     metrics: dict = {}
-    while state["epoch"] < t.epochs and state["step"] < total_steps:
-        hand_over(config.get("turns"), rank, state["step"])
-        # the window's loss stays on the device: reading it every step would wait for the GPU
-        tic, window_loss, window_steps = time.perf_counter(), torch.zeros((), device=device), 0
-        clock = StepClock()  # the window's time split: waiting for batches vs computing
-        batches = train_batches(train_shard, task, recipe, state["epoch"])
-        consumed = 0
-        for batch in batches:
-            clock.ready()
-            spare = batch  # validation's stand-in on a rank whose validation rows ran out (ZeRO 3)
-            if consumed == micro_per_epoch or state["step"] >= total_steps:
-                break  # leftover micro-batches would leak an accumulation into the next epoch
-            output = engine(*task.inputs(batch, device, dtype))
-            loss = task.loss(recipe, output, batch, device)
-            engine.backward(loss)
-            engine.step()
-            consumed += 1
-            window_loss += loss.detach().float() / t.grad_accum
-            clock.done()
-            if consumed % t.grad_accum:
-                continue
-            state["step"] += 1
-            state["samples"] += global_batch
-            window_steps += 1
-            if state["step"] % t.log_every == 0 or state["step"] == total_steps:
-                # all ranks join this all-reduce: the loss shown is the global batch's mean
-                mean_loss = window_loss.double() / window_steps  # on the device: NCCL reduces GPU tensors
-                dist.all_reduce(mean_loss)
-                elapsed = time.perf_counter() - tic
-                line = {
-                    "kind": "train",
-                    "step": state["step"],
-                    "epoch": state["epoch"],
-                    "loss": float(mean_loss) / world,
-                    "lr": schedule.get_last_lr()[0],
-                    "samples_per_s": window_steps * global_batch / elapsed,
-                    **clock.per_step(window_steps),
-                    **device_memory(device),
-                }
-                if t.trace_batches:  # which rows made this step, rank by rank (checks the maths)
-                    ids = [None] * world
-                    dist.all_gather_object(ids, task.sample_ids(batch))
-                    line["batch_ids"] = ids
-                logger.log({k: v for k, v in line.items() if k != "batch_ids"}, state["step"])
-                if rank == 0:
-                    _send(progress, line)
-                tic, window_loss, window_steps = time.perf_counter(), torch.zeros((), device=device), 0
-                clock.restart()
-            if t.checkpoint_every and state["step"] % t.checkpoint_every == 0 and state["step"] < total_steps:
-                save_and_report(engine, state, {}, rank)
-                clock.skip()  # a checkpoint is neither waiting for data nor a step
-        # an epoch stopped part-way by max_steps is not finished: a longer resumed run redoes it
-        if consumed == micro_per_epoch or state["step"] < total_steps:
-            state["epoch"] += 1
+    while state["epoch"] < t.epochs and state["step"] < w.total_steps:
+        w.at_epoch_boundary(state["step"])
+        # 4. fit one epoch
+        spare = train_epoch(w, state, train_shard)
         # 5. validate, checkpoint, report
-        sync_buffers(engine.module, world)
-        metrics = validate(engine, task, recipe, val_shard, device, dtype, spare)
-        logger.log(metrics, state["step"])
-        if rank == 0:
-            _send(progress, {"kind": "val", "step": state["step"], "epoch": state["epoch"], **metrics})
-        save_and_report(engine, state, metrics, rank)
-    hand_over(config.get("turns"), rank, state["step"])
-    logger.summary(metrics)
-    logger.finish()
-    if rank == 0:
-        _send(progress, {"kind": "done", "step": state["step"], "wandb": logger.path})
+        sync_buffers(w.engine.module, w.world)
+        metrics = validate(w.engine, w.task, w.recipe, val_shard, w.device, w.dtype, spare)
+        w.logger.log(metrics, state["step"])
+        w.send({"kind": "val", "step": state["step"], "epoch": state["epoch"], **metrics})
+        save_and_report(w.engine, state, metrics, w.rank)
+    w.at_epoch_boundary(state["step"])
+    w.logger.summary(metrics)
+    w.logger.finish()
+    w.send({"kind": "done", "step": state["step"], "wandb": w.logger.path})
+
+
+class Window:
+    """The optimizer steps since the last progress line: their summed loss (kept on the device:
+    reading it every step would wait for the GPU) and where their time went."""
+
+    def __init__(self, device: torch.device):
+        self.tic, self.steps = time.perf_counter(), 0
+        self.loss = torch.zeros((), device=device)
+        self.clock = StepClock()  # waiting for batches vs computing
+
+
+def train_epoch(w: Worker, state: dict, shard) -> dict | None:
+    """One epoch of micro-batches (the same number on every rank) through forward, backward and
+    DeepSpeed's step, until the epoch's steps or max_steps are done; a progress line every
+    log_every steps and checkpoints every checkpoint_every. Returns the last micro-batch:
+    validation's stand-in on a rank whose validation rows ran out (ZeRO 3)."""
+    t = w.recipe.train
+    micro_per_epoch = w.steps_per_epoch * t.grad_accum
+    window, consumed, spare = Window(w.device), 0, None
+    for batch in train_batches(shard, w.task, w.recipe, state["epoch"]):
+        window.clock.ready()
+        spare = batch
+        if consumed == micro_per_epoch or state["step"] >= w.total_steps:
+            break  # leftover micro-batches would leak an accumulation into the next epoch
+        output = w.engine(*w.task.inputs(batch, w.device, w.dtype))
+        loss = w.task.loss(w.recipe, output, batch, w.device)
+        w.engine.backward(loss)
+        w.engine.step()
+        consumed += 1
+        window.loss += loss.detach().float() / t.grad_accum
+        window.clock.done()
+        if consumed % t.grad_accum:
+            continue
+        state["step"] += 1
+        state["samples"] += t.batch_size * t.grad_accum * w.world
+        window.steps += 1
+        if state["step"] % t.log_every == 0 or state["step"] == w.total_steps:
+            log_window(w, state, window, batch)
+            window = Window(w.device)
+        if t.checkpoint_every and state["step"] % t.checkpoint_every == 0 and state["step"] < w.total_steps:
+            save_and_report(w.engine, state, {}, w.rank)
+            window.clock.skip()  # a checkpoint is neither waiting for data nor a step
+    # an epoch stopped part-way by max_steps is not finished: a longer resumed run redoes it
+    if consumed == micro_per_epoch or state["step"] < w.total_steps:
+        state["epoch"] += 1
+    return spare
+
+
+def log_window(w: Worker, state: dict, window: Window, batch: dict) -> None:
+    """The progress line of the steps since the last one: every rank joins the loss's all-reduce
+    (the loss shown is the global batch's mean); W&B and the driver get it from rank 0."""
+    t = w.recipe.train
+    mean_loss = window.loss.double() / window.steps  # on the device: NCCL reduces GPU tensors
+    dist.all_reduce(mean_loss)
+    global_batch = t.batch_size * t.grad_accum * w.world
+    line = {
+        "kind": "train",
+        "step": state["step"],
+        "epoch": state["epoch"],
+        "loss": float(mean_loss) / w.world,
+        "lr": w.schedule.get_last_lr()[0],
+        "samples_per_s": window.steps * global_batch / (time.perf_counter() - window.tic),
+        **window.clock.per_step(window.steps),
+        **device_memory(w.device),
+    }
+    if t.trace_batches:  # which rows made this step, rank by rank (checks the maths)
+        ids = [None] * w.world
+        dist.all_gather_object(ids, w.task.sample_ids(batch))
+        line["batch_ids"] = ids
+    w.logger.log({k: v for k, v in line.items() if k != "batch_ids"}, state["step"])
+    w.send(line)
 
 
 def device_memory(device: torch.device) -> dict:

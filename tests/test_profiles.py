@@ -14,6 +14,7 @@ where this CPU has native bf16. A profile added to a recipe is covered without e
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -86,9 +87,21 @@ def _mssd(tmp_path: Path, recipe) -> list[str]:
     return [f"data.import_path={tmp_path / 'mssd'}"]
 
 
+@pytest.fixture(scope="module")
+def shared_data(tmp_path_factory):
+    """Profiles whose shrunk data sections are equal read one prepared copy of the data."""
+    base = tmp_path_factory.mktemp("profile-data")
+
+    def root(recipe) -> Path:
+        key = json.dumps(recipe.data.model_dump(mode="json", exclude={"root"}), sort_keys=True)
+        return base / f"{recipe.task}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+    return root
+
+
 @pytest.mark.timeout(900)
 @pytest.mark.parametrize(("task", "profile"), PROFILES, ids=[f"{t}-{p}" for t, p in PROFILES])
-def test_profile_trains_resumes_and_exports(ray_local, tmp_path, task, profile):
+def test_profile_trains_resumes_and_exports(ray_local, shared_data, tmp_path, task, profile):
     from jobs import tasks
     from jobs.config import load_recipe
     from jobs.export import load_exported
@@ -97,7 +110,9 @@ def test_profile_trains_resumes_and_exports(ray_local, tmp_path, task, profile):
 
     first = shrunk(task, profile, tmp_path / "data", tmp_path / "runs")
     extra = _mssd(tmp_path, first)
-    first = shrunk(task, profile, tmp_path / "data", tmp_path / "runs", *extra, "train.max_steps=1")
+    first = shrunk(task, profile, tmp_path / "data", tmp_path / "runs", *extra)
+    data = shared_data(first)
+    first = shrunk(task, profile, data, tmp_path / "runs", *extra, "train.max_steps=1")
     shipped = load_recipe(CONFIGS / f"{task}.yaml", profile)
     for key in ("zero_stage", "offload", "grad_accum", "lr", "weight_decay"):
         assert getattr(first.train, key) == getattr(shipped.train, key), key

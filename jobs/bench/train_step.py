@@ -211,7 +211,7 @@ TURN_TIMEOUT_S = 600  # a side that waits longer for its turn: the other one is 
 
 class Turns:
     """Our engine and the plain loop take turns on the machine. Before each epoch and after the
-    last, rank 0 calls hand_over(step) and every rank waits (jobs.worker.hand_over); the driver's
+    last, rank 0 calls hand_over(step) and every rank waits (the engine's epoch hook); the driver's
     thread in serve() times the plain loop meanwhile, then hands the machine back. Picklable: it
     travels in the worker's config."""
 
@@ -391,7 +391,7 @@ def engine_rate(
     server.start()
     tic = time.perf_counter()
     try:
-        train(r, echo=False, export=False, turns=turns)
+        train(r, echo=False, export=False, epoch_hook=turns.hand_over)
     finally:
         stop.set()
         server.join()

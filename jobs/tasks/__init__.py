@@ -20,7 +20,9 @@ A task module provides:
   loss(recipe, output, batch, device)    the training loss
   metrics(recipe) -> Metric              a torchmetrics Metric whose compute() gives the named metrics
                                          (and val_loss, val_rows); it syncs across ranks by itself
-  baseline(recipe, manifest) -> dict     the same metrics for a trivial predictor
+  baseline(recipe, manifest, siblings)   the same metrics for trivial predictors (and sibling runs)
+  siblings(recipe) -> dict               runs the driver trains beside the recipe's own, by name (optional;
+                                         recsys: the MF baseline); their summaries reach baseline()
   sample_ids(batch) -> list[str]         stable ids of the rows (tracing, rank-sharded validation:
                                          rows with one id are scored on one rank)
   iter_split(root, split, batch_size, **input_spec)  numpy batches without Ray (offline evaluation)

@@ -29,22 +29,7 @@ REFERENCE_ROWS = 128
 
 
 def prepare(recipe: AutonomousRecipe) -> dict:
-    d = recipe.data
-    return data.prepare(
-        source=d.source,
-        root=d.root,
-        num_samples=d.num_samples,
-        image_size=(d.image_height, d.image_width),
-        rows_per_shard=d.rows_per_shard,
-        val_fraction=d.val_fraction,
-        test_fraction=d.test_fraction,
-        seed=d.seed,
-        max_boxes=d.max_boxes,
-        num_lanes=d.num_lanes,
-        lane_points=d.lane_points,
-        import_path=d.import_path,
-        on_bad_sample=d.on_bad_sample,
-    )
+    return data.prepare(recipe.data.settings())
 
 
 def _layout(recipe: AutonomousRecipe) -> dict:
@@ -181,7 +166,7 @@ def metrics(recipe: AutonomousRecipe) -> PerceptionMetrics:
     return PerceptionMetrics(recipe.data.image_height / recipe.data.image_width, recipe.loss)
 
 
-def baseline(recipe: AutonomousRecipe, manifest: dict) -> dict:
+def baseline(recipe: AutonomousRecipe, manifest: dict, siblings: dict | None = None) -> dict:
     """Trivial predictors on the validation split: no boxes, the training split's mean lane for
     every camera and slot, its mean depth map for every camera."""
     d = recipe.data

@@ -9,7 +9,6 @@ by this engine as the sibling run `<run>-mf`) land beside them in summary.json.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -52,27 +51,7 @@ def check_table(recipe: RecsysRecipe, meta: dict) -> int:
 
 
 def prepare(recipe: RecsysRecipe) -> dict:
-    d = recipe.data
-    manifest = data.prepare(
-        source=d.source,
-        root=d.root,
-        num_tracks=d.num_tracks,
-        num_users=d.num_users,
-        num_sessions=d.num_sessions,
-        rows_per_shard=d.rows_per_shard,
-        history_len=d.history_len,
-        negatives_per_event=d.negatives_per_event,
-        eval_negatives=d.eval_negatives,
-        n_mels=d.n_mels,
-        frames=d.frames,
-        seed=d.seed,
-        import_path=d.import_path,
-        on_bad_row=d.on_bad_row,
-        num_days=d.num_days,
-        cold_fraction=d.cold_fraction,
-        val_fraction=d.val_fraction,
-        test_fraction=d.test_fraction,
-    )
+    manifest = data.prepare(recipe.data.settings())
     check_table(recipe, manifest["meta"])  # before any worker starts
     return manifest
 
@@ -224,40 +203,23 @@ def mf_recipe(recipe: RecsysRecipe) -> RecsysRecipe:
     return mf
 
 
-def train_mf(recipe: RecsysRecipe, manifest: dict) -> dict:
-    """Train (or resume, or reuse a finished) MF sibling run through jobs.train.train."""
-    import ray
-
-    from jobs.train import train
-
-    mf = mf_recipe(recipe)
-    done = mf.run_dir / "summary.json"
-    if done.is_file():  # a finished run of this very recipe on this very data: reuse it
-        summary = json.loads(done.read_text())
-        if (summary.get("config_hash"), summary.get("data_fingerprint")) != (
-            mf.config_hash(),
-            manifest["fingerprint"],
-        ):
-            summary = None
-    else:
-        summary = None
-    if summary is None:
-        # the driver is connected already; naming its cluster skips the embedded-cluster checks
-        summary = train(mf, address=ray.get_runtime_context().gcs_address)
-    return {
-        "predictor": "matrix factorisation",
-        **{k: summary["metrics"].get(k) for k in METRICS},
-        "steps": summary["steps"],
-        "run": summary["paths"]["run_dir"],
-    }
+def siblings(recipe: RecsysRecipe) -> dict[str, RecsysRecipe]:
+    """The MF baseline, a run of its own that the driver trains after the recipe's (same data,
+    engine, scaling and schedule: mf_recipe), unless turned off (baselines.mf) or the recipe's
+    model is MF itself."""
+    return {"mf": mf_recipe(recipe)} if recipe.baselines.mf and recipe.model.name != "mf" else {}
 
 
-def baseline(recipe: RecsysRecipe, manifest: dict) -> dict[str, dict]:
-    """Popularity ranking always; matrix factorisation trained by this engine unless turned off
-    (baselines.mf) or the recipe's model is MF itself."""
+def baseline(recipe: RecsysRecipe, manifest: dict, siblings: dict[str, dict] | None = None) -> dict[str, dict]:
+    """Popularity ranking always; matrix factorisation from its sibling run's summary."""
     out = {"popularity": popularity(recipe.data.root, "val")}
-    if recipe.baselines.mf and recipe.model.name != "mf":
-        out["mf"] = train_mf(recipe, manifest)
+    if mf := (siblings or {}).get("mf"):
+        out["mf"] = {
+            "predictor": "matrix factorisation",
+            **{k: mf["metrics"].get(k) for k in METRICS},
+            "steps": mf["steps"],
+            "run": mf["paths"]["run_dir"],
+        }
     return out
 
 

@@ -24,20 +24,7 @@ CPU_BF16 = True
 
 
 def prepare(recipe: RetinopathyRecipe) -> dict:
-    d = recipe.data
-    return data.prepare(
-        source=d.source,
-        root=d.root,
-        num_images=d.num_images,
-        image_size=d.image_size,
-        rows_per_shard=d.rows_per_shard,
-        val_fraction=d.val_fraction,
-        test_fraction=d.test_fraction,
-        seed=d.seed,
-        label_noise=d.label_noise,
-        import_path=d.import_path,
-        on_bad_image=d.on_bad_image,
-    )
+    return data.prepare(recipe.data.settings())
 
 
 def datasets(recipe: RetinopathyRecipe, manifest: dict) -> dict:
@@ -88,7 +75,7 @@ def metrics(recipe: RetinopathyRecipe | None = None) -> GradeMetrics:
     return GradeMetrics()
 
 
-def baseline(recipe: RetinopathyRecipe, manifest: dict) -> dict[str, float]:
+def baseline(recipe: RetinopathyRecipe, manifest: dict, siblings: dict | None = None) -> dict[str, float]:
     """A constant guess of the training split's most common grade (kappa 0 by definition)."""
     counts = manifest["meta"]["class_counts"]  # per split: a count per grade
     train, val = (np.asarray(counts[split], dtype=float) for split in ("train", "val"))

@@ -1,4 +1,4 @@
-"""Parquet shards plus a ``manifest.json`` that describes and fingerprints them.
+"""Parquet shards plus a ``manifest.json`` that describes and fingerprints them: writer and checks.
 
 Layout written by :func:`write_splits` (or :class:`ShardWriter`)::
 
@@ -18,13 +18,13 @@ import glob
 import hashlib
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import DataError
+from ..errors import DataError, one_line
 
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
@@ -216,7 +216,7 @@ def load_manifest(root: str) -> dict:
         with open(path) as f:
             manifest = json.load(f)
     except (OSError, ValueError) as err:
-        raise DataError(f"unreadable manifest {path}: {_short(err)}") from None
+        raise DataError(f"unreadable manifest {path}: {one_line(err)}") from None
     if not isinstance(manifest, dict) or "splits" not in manifest:
         raise DataError(f"unreadable manifest {path}: no 'splits' entry")
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -256,45 +256,11 @@ def verify(root: str, manifest: dict, splits: Iterable[str] | None = None, check
             try:
                 rows = pq.ParquetFile(path).metadata.num_rows
             except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for damaged files
-                raise DataError(f"corrupt Parquet shard {path}: {_short(err)}") from None
+                raise DataError(f"corrupt Parquet shard {path}: {one_line(err)}") from None
             if rows != sh["rows"]:
                 raise DataError(f"Parquet shard {path} has {rows} rows, the manifest says {sh['rows']}")
             if check_hash and sha256_file(path) != sh["sha256"]:
                 raise DataError(f"Parquet shard {path} changed since it was written (sha256 mismatch)")
-
-
-def _short(err: BaseException, limit: int = 200) -> str:
-    """First line of an exception message, capped: error lines must stay one line."""
-    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def readable_paths(root: str, manifest: dict, split: str) -> list[str]:
-    """``split``'s shard paths after :func:`verify` (a corrupt file is named before Ray Data or
-    pyarrow fail on it without saying which); DataError if the split is empty."""
-    verify(root, manifest, [split])
-    paths = shard_paths(root, manifest, split)
-    if not paths:
-        raise DataError(f"split {split!r} of the dataset at {root} is empty")
-    return paths
-
-
-def iter_tables(paths: Iterable[str], columns: list[str], batch_size: int) -> Iterator[pa.Table]:
-    """Tables of exactly ``batch_size`` rows (the last one may be shorter) across shard
-    boundaries, in file order, with plain pyarrow."""
-    pending: list[pa.RecordBatch] = []
-    rows = 0
-    for path in paths:
-        for rb in pq.ParquetFile(path).iter_batches(batch_size=batch_size, columns=columns):
-            pending.append(rb)
-            rows += rb.num_rows
-            while rows >= batch_size:
-                table = pa.Table.from_batches(pending)
-                yield table.slice(0, batch_size)
-                rest = table.slice(batch_size)
-                pending, rows = rest.to_batches(), rest.num_rows
-    if rows:
-        yield pa.Table.from_batches(pending)
 
 
 def reusable(root: str, task: str, matches: Callable[[dict], bool]) -> dict | None:
