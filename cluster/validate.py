@@ -174,7 +174,8 @@ def entrypoint_problem(entrypoint: str, cwd: Path = ROOT) -> str | None:
     command's options and the recipe they name are all checked, nothing runs."""
     from typer.main import get_command
 
-    from jobs.cli import _recipe, app
+    from jobs.cli import app
+    from jobs.config import recipe_from_options
 
     argv = shlex.split(entrypoint)
     if argv[:2] == ["python", "-m"] and len(argv) > 2 and argv[2].startswith("jobs."):
@@ -199,7 +200,7 @@ def entrypoint_problem(entrypoint: str, cwd: Path = ROOT) -> str | None:
         config = Path(params["config"])
         config = config if config.is_absolute() else cwd / config
         try:
-            _recipe(
+            recipe_from_options(
                 config,
                 params.get("profile"),
                 params.get("set_"),

@@ -264,7 +264,9 @@ def _trial_dirname(trial) -> str:
     return trial.trial_id
 
 
-def _tuner(recipe, base, space: dict, sweep_dir: Path, name: str, goal: tuple[str, str], at_once: int, defaults):
+def _tuner(
+    recipe, base, space: dict, sweep_dir: Path, name: str, goal: tuple[str, str], at_once: int, defaults
+):
     """A new Tuner over the space, or the one a killed sweep left (its finished trials kept)."""
     from ray import tune
 
@@ -312,7 +314,9 @@ def _tuner(recipe, base, space: dict, sweep_dir: Path, name: str, goal: tuple[st
     return tuner
 
 
-def _register_best(recipe, base, best: dict, sweep_dir: Path, name: str, manifest: dict) -> tuple[dict, bool | None]:
+def _register_best(
+    recipe, base, best: dict, sweep_dir: Path, name: str, manifest: dict
+) -> tuple[dict, bool | None]:
     """Export the best trial's last checkpoint, score it on the test split and register it (and
     promote it when the recipe says so); its registry entry and whether it reached production."""
     from ray.train import Checkpoint

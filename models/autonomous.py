@@ -17,6 +17,7 @@ The full flavour is the seed's scale: ResNet-50 per camera, d_model 2048, 6 fusi
 from __future__ import annotations
 
 import math
+from typing import Any, cast
 
 import torch
 import torch.nn as nn
@@ -88,7 +89,8 @@ class ConvNextBackbone(nn.Module):
         from transformers import ConvNextBackbone as HFConvNext
         from transformers import ConvNextConfig
 
-        config = ConvNextConfig(
+        # out_features reaches the config's __post_init__ as a keyword its dataclass fields do not list
+        config = ConvNextConfig(  # type: ignore[call-arg]
             hidden_sizes=list(hidden_sizes),
             depths=list(depths),
             out_features=[f"stage{i + 1}" for i in range(len(hidden_sizes))],
@@ -100,7 +102,10 @@ class ConvNextBackbone(nn.Module):
         return list(self.net(x).feature_maps)
 
 
-def _backbone(kind: str, widths: tuple[int, ...] | None) -> nn.Module:
+Backbone = TinyBackbone | ResNet50Backbone | ConvNextBackbone
+
+
+def _backbone(kind: str, widths: tuple[int, ...] | None) -> Backbone:
     if kind == "tiny":
         return TinyBackbone(*([tuple(widths)] if widths else []))
     if kind == "resnet50":
@@ -163,7 +168,7 @@ class DepthDecoder(nn.Module):
             Conv2dNormActivation(widths[-1] + 2, widths[-1], kernel_size=3),
             nn.Conv2d(widths[-1], 1, 3, padding=1),
         )
-        nn.init.constant_(self.out[-1].bias, math.log(10.0))  # start near 10 m
+        nn.init.constant_(cast(torch.Tensor, self.out[-1].bias), math.log(10.0))  # start near 10 m
 
     def forward(self, fused: torch.Tensor, skips: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:
         x = self.top(fused)
@@ -222,14 +227,17 @@ class AutonomousNet(nn.Module):
         )
         self.separate_backbones = separate_backbones
         count = num_cameras if separate_backbones else 1
-        self.backbones = nn.ModuleList(_backbone(backbone, backbone_widths) for _ in range(count))
-        channels = self.backbones[0].channels
+        backbones = [_backbone(backbone, backbone_widths) for _ in range(count)]
+        self.backbones = nn.ModuleList(backbones)
+        channels = backbones[0].channels
         self.input_proj = nn.Conv2d(channels[-1], d_model, 1)
         # the decoder also reads the next finer level (thin lane paint, small boxes)
         self.fine_proj = nn.Conv2d(channels[-2], d_model, 1)
         self.level_embed = nn.Parameter(torch.randn(2, d_model) * 0.5)
         self.camera_embed = nn.Parameter(torch.randn(num_cameras, d_model) * 0.5)
-        layer = dict(d_model=d_model, nhead=heads, dim_feedforward=ff_dim, dropout=dropout, batch_first=True)
+        layer: dict[str, Any] = dict(
+            d_model=d_model, nhead=heads, dim_feedforward=ff_dim, dropout=dropout, batch_first=True
+        )
         self.fusion = nn.TransformerEncoder(
             nn.TransformerEncoderLayer(**layer, norm_first=True),
             fusion_layers,
@@ -251,7 +259,8 @@ class AutonomousNet(nn.Module):
         self.lane_queries = nn.Parameter(torch.randn(num_lanes, d_model) * 0.02)
         self.class_head = nn.Linear(d_model, num_classes + 1)
         self.box_head = mlp(d_model, d_model, 4)
-        nn.init.constant_(self.box_head[-1].bias[2:], -1.7)  # boxes start at ~15% of the image
+        # boxes start at ~15% of the image
+        nn.init.constant_(cast(torch.Tensor, self.box_head[-1].bias)[2:], -1.7)
         self.lane_head = mlp(d_model, d_model, lane_points * 2)
         # each camera's lane slots start from a learned anchor line; the head predicts the offset
         self.lane_anchor = nn.Parameter(torch.zeros(num_cameras, num_lanes, lane_points, 2))

@@ -75,6 +75,7 @@ class HybridRecommender(nn.Module):
         nn.init.zeros_(self.tracks.weight)  # an unseen (cold) track keeps a zero embedding
         self.event = nn.Linear(event_features, embedding_dim)
         self.history_in = nn.Linear(2 * embedding_dim, hidden)
+        self.encoder: nn.GRU | nn.TransformerEncoder
         if encoder == "gru":
             self.encoder = nn.GRU(hidden, hidden, num_layers=encoder_layers, batch_first=True)
         else:

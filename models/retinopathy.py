@@ -61,8 +61,8 @@ def _load_backbone_weights(net: nn.Module, path: str) -> None:
 
         state = load_file(str(file))
     else:
-        state = torch.load(file, map_location="cpu", weights_only=True)
-        state = state.get("state_dict", state) if isinstance(state, dict) else state
+        loaded = torch.load(file, map_location="cpu", weights_only=True)
+        state = loaded.get("state_dict", loaded) if isinstance(loaded, dict) else loaded
     # A torchvision checkpoint carries the 1000-class ImageNet fc: our head replaces it.
     state = {k: v for k, v in state.items() if not k.startswith("fc.") and not k.startswith("AuxLogits.fc.")}
     missing, unexpected = net.load_state_dict(state, strict=False)

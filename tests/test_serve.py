@@ -353,9 +353,9 @@ def test_prometheus_metrics_carry_the_answering_version(served, ray_local):
 @pytest.mark.timeout(600)
 def test_batching_raises_throughput(served):
     """16 closed-loop clients, batch size 1 against 16 on one model replica, moved in place; the
-    README's number comes from `python -m serve.bench` (20 s each); this is a short, loose check."""
+    README's number comes from `python -m jobs.bench.serving` (20 s each); this is a short, loose check."""
+    from jobs.bench.serving import batching_gain
     from jobs.serve import dashboard_url, set_canary
-    from serve.bench import batching_gain
 
     set_canary(dashboard_url(), "retinopathy", 0, progress=lambda _: None)
     bodies = [{"image": _b64(png)} for png in _test_images(served["data"]["retinopathy"], 16)]

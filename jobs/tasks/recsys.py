@@ -210,7 +210,9 @@ def siblings(recipe: RecsysRecipe) -> dict[str, RecsysRecipe]:
     return {"mf": mf_recipe(recipe)} if recipe.baselines.mf and recipe.model.name != "mf" else {}
 
 
-def baseline(recipe: RecsysRecipe, manifest: dict, siblings: dict[str, dict] | None = None) -> dict[str, dict]:
+def baseline(
+    recipe: RecsysRecipe, manifest: dict, siblings: dict[str, dict] | None = None
+) -> dict[str, dict]:
     """Popularity ranking always; matrix factorisation from its sibling run's summary."""
     out = {"popularity": popularity(recipe.data.root, "val")}
     if mf := (siblings or {}).get("mf"):
