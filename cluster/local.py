@@ -15,14 +15,14 @@ DEFAULT_ENV = {
 # It follows the workers, not the driver: a CPU head node drives GPU workers on clusters.
 CPU_ACCELERATOR = {"DS_ACCELERATOR": "cpu"}
 # Ray Serve's fast path: HAProxy in front of ingress replicas that serve HTTP themselves (no
-# Python proxy hop), gRPC between deployments, user code on the replica's own loop. Measured on
-# 2 cores: a two-deployment request costs 3.0 ms over a bare server instead of 13 ms. Serve reads
+# Python proxy hop), gRPC between deployments, user code on the replica's own loop: a fraction
+# of the default path's overhead over a bare server (docs/benchmarks.md). Serve reads
 # these when its processes start, so they belong to the cluster's environment: the embedded
 # cluster gets them here, the files in cluster/ set them on every node.
 SERVE_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
 # Ray Train on the embedded (one-machine) cluster. The controller polls its workers every 2 s by
-# default, and a run's end waits for the next poll: 0.5 s cuts ~2 s from every run (and every Tune
-# trial) on 2 cores at no measurable cost. The preemption watcher, one more actor process per run,
+# default, and a run's end waits for the next poll: polling every 0.5 s ends every run (and every
+# Tune trial) sooner at no measurable cost. The preemption watcher, one more actor process per run,
 # watches for cloud nodes being drained: a single machine has none. Train's controller reads
 # both from its environment, so they belong to the cluster's environment like SERVE_ENV.
 LOCAL_TRAIN_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
@@ -57,9 +57,9 @@ def connect(address: str | None = None, num_cpus: int | None = None, quiet: bool
     data_context = DataContext.get_current()
     data_context.enable_progress_bars = False
     # Ray's default Parquet reader (datasource V2) starts 32 footer-reading actors, new worker
-    # processes, for every execution: every epoch and every validation pass. On 2 cores a pass
-    # over 480 rows took 4.7 s with it and 0.15 s with the V1 reader (deepfleet bench ingest);
-    # local shards' footers are read in milliseconds without any actor.
+    # processes, for every execution: every epoch and every validation pass, many times the
+    # V1 reader's time on small splits (deepfleet bench --section ingest); local shards'
+    # footers are read in milliseconds without any actor.
     data_context.use_datasource_v2 = False
     if ray.is_initialized():
         return ray.get_runtime_context()

@@ -39,8 +39,7 @@ def zero_stage(recipe: RecipeBase, world_size: int) -> int:
 
     ZeRO partitions optimizer state, gradients and (stage 3) parameters across data-parallel
     ranks. One rank has nothing to partition: stages 1-3 would only route every step's gradients
-    and weights through flat fp32 copies (measured in one process, 1 thread: +10-17% a step on
-    the tiny retinopathy model, up to +24% on the recsys one). Offload keeps its stage on one
+    and weights through flat fp32 copies, a cost with no saving. Offload keeps its stage on one
     rank: moving optimizer state to CPU memory is ZeRO-Offload's point on a single GPU."""
     t = recipe.train
     return 0 if world_size == 1 and t.offload == "none" else t.zero_stage
@@ -104,8 +103,7 @@ def keep_freed_memory() -> bool:
     """Keep memory the process frees for its next use (glibc mallopt: no mmap for large blocks,
     no trimming of the heap). A training step frees and allocates the same activations every
     time; glibc's defaults hand blocks over 128 KB-32 MB back to the kernel and fault them in
-    again, zeroed, on the next step (tiny retinopathy at batch 64 on one thread: ~50k page
-    faults and 60-120 ms of system time in a 500 ms step; with this: 460 ms). False where the
+    again, zeroed, on the next step: page faults and system time in every step. False where the
     C library has no mallopt (not glibc): nothing changes there."""
     import ctypes
 
@@ -214,8 +212,7 @@ def train_batches(shard, task, recipe: RecipeBase, epoch: int):
     A task that shuffles rows (SHUFFLE_BUFFER_ROWS) gets them in windows of that many rows, each
     permuted by a generator seeded with the recipe's seed and the epoch: a resumed epoch sees the
     order it saw before, the next epoch another one. Ray Data's own local shuffle buffer does the
-    same mixing at a quarter of the speed on the training worker's thread (recsys, decoded rows,
-    consumer only, a one-off measurement: 100-140k rows/s against 490-530k)."""
+    same mixing, several times slower, on the training worker's thread."""
     rows = getattr(task, "SHUFFLE_BUFFER_ROWS", None)
     size = recipe.train.batch_size
     if not rows:
@@ -287,8 +284,8 @@ def build(recipe: RecipeBase, world: int, dtype_name: str, total_steps: int):
         dist_init_required=False,  # the process group is up already (Ray Train's)
     )
     # one rank at ZeRO 0 has no peer to average gradients with, yet DeepSpeed would flatten them,
-    # all-reduce over a group of one and copy them back every step (~1.3 ms of a 30 ms recsys
-    # step); ZeRO 1-3 reduce into their partitions there, so they keep it (ZeRO-Offload on one GPU)
+    # all-reduce over a group of one and copy them back every step, for nothing; ZeRO 1-3 reduce
+    # into their partitions there, so they keep it (ZeRO-Offload on one GPU)
     engine.enable_backward_allreduce = world > 1 or engine.zero_optimization_stage() > 0
     return engine, schedule
 

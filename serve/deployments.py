@@ -6,7 +6,7 @@ With a canary:              HTTP -> ingress (canary split) -> model-<stable> | m
 The ingress is FastAPI: validation, body limit, canary split, drift, metrics. A model
 (`Model`: decode with the training transform, @serve.batch forward, encode) lives in the
 ingress replica when it is the only version, so a request costs one hop, as in a bare server
-(measured: a second deployment adds 2-5 ms a request on 2 cores); during a canary release each
+(a second deployment adds a hop: docs/benchmarks.md); during a canary release each
 version is a deployment of its own, scaled on its own, and both pay the same hop. One `Model`
 class serves every task and version; one ingress per task, made by `ingress()`, differs only
 in its typed request and response bodies. Canary weights and batch sizes are user_config:

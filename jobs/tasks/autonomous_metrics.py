@@ -86,7 +86,7 @@ class PerceptionMetrics(torchmetrics.Metric):
         if not detections:
             return 0.0
         # the detections are every rank's already: its own sync would gather them all again, one
-        # tensor per collective (~8,000 all-gathers, 20 s of a 25 s validation on 2 CPU ranks)
+        # tensor per collective: thousands of all-gathers, most of a validation pass
         metric = MeanAveragePrecision(
             box_format="xyxy", iou_thresholds=[0.5], backend="pycocotools", sync_on_compute=False
         )

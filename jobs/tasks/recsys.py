@@ -146,8 +146,8 @@ def targets(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
 
 
 def loss(recipe: RecsysRecipe, output, batch: dict, device: torch.device) -> torch.Tensor:
-    # the labels only: targets() also hashes every query id for the ranking metrics, ~1.3 ms of
-    # a ~33 ms tiny training step (deepfleet bench --section train)
+    # the labels only: targets() also hashes every query id for the ranking metrics, a cost the
+    # training step need not pay
     return F.binary_cross_entropy_with_logits(output.float(), _tensor(batch["label"], device, torch.float32))
 
 
