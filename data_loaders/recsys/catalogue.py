@@ -15,7 +15,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from ..errors import DataError, one_line
-from ..shards import MANIFEST
+from ..shards.manifest import parquet_rows
 from .schema import ACOUSTIC_DIM, NUMERIC_TRACK, TRACKS_FILE, TRACKS_SCHEMA
 
 
@@ -133,12 +133,7 @@ def _fixed_list(x: np.ndarray) -> pa.ListArray:
 
 def check_catalogue(root: str, meta: dict) -> None:
     path = os.path.join(str(root), TRACKS_FILE)
-    if not os.path.isfile(path):
-        raise DataError(f"missing catalogue {path} (listed in {os.path.join(str(root), MANIFEST)})")
-    try:
-        rows = pq.ParquetFile(path).metadata.num_rows
-    except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for damaged files
-        raise DataError(f"corrupt catalogue {path}: {one_line(err)}") from None
+    rows = parquet_rows(path, "catalogue", str(root))
     if rows != meta.get("tracks_rows"):
         raise DataError(f"catalogue {path} has {rows} tracks, the manifest says {meta.get('tracks_rows')}")
 

@@ -251,12 +251,7 @@ def verify(root: str, manifest: dict, splits: Iterable[str] | None = None, check
     for split in manifest["splits"] if splits is None else splits:
         for sh in _split_entry(root, manifest, split)["shards"]:
             path = os.path.join(root, sh["path"])
-            if not os.path.isfile(path):
-                raise DataError(f"missing Parquet shard {path} (listed in {os.path.join(root, MANIFEST)})")
-            try:
-                rows = pq.ParquetFile(path).metadata.num_rows
-            except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for damaged files
-                raise DataError(f"corrupt Parquet shard {path}: {one_line(err)}") from None
+            rows = parquet_rows(path, "Parquet shard", root)
             if rows != sh["rows"]:
                 raise DataError(f"Parquet shard {path} has {rows} rows, the manifest says {sh['rows']}")
             if check_hash and sha256_file(path) != sh["sha256"]:
@@ -275,3 +270,14 @@ def reusable(root: str, task: str, matches: Callable[[dict], bool]) -> dict | No
         return None
     verify(root, manifest)
     return manifest
+
+
+def parquet_rows(path: str, what: str, root: str) -> int:
+    """Rows of a Parquet file the manifest at `root` lists; one line naming `what` when it is
+    missing or does not read."""
+    if not os.path.isfile(path):
+        raise DataError(f"missing {what} {path} (listed in {os.path.join(root, MANIFEST)})")
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except Exception as err:  # pyarrow raises ArrowInvalid, OSError, ... for damaged files
+        raise DataError(f"corrupt {what} {path}: {one_line(err)}") from None
