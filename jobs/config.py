@@ -502,11 +502,11 @@ class RecsysRecipe(RecipeBase):
     baselines: RecsysBaselines = RecsysBaselines()
 
 
-RECIPES: dict[str, type[RecipeBase]] = {
-    "retinopathy": RetinopathyRecipe,
-    "autonomous": AutonomousRecipe,
-    "recsys": RecsysRecipe,
-}
+def recipe_class(task: str) -> type[RecipeBase] | None:
+    """The recipe type of a registered task (jobs.tasks: deepfleet's own and plugins'), or None."""
+    from jobs import tasks  # jobs.tasks.builtin imports this module's recipe types
+
+    return tasks.spec(task).recipe if task in tasks.names() else None
 
 
 # ---------------------------------------------------------------- loading
@@ -596,7 +596,7 @@ def load_recipe(
         raw["profile"] = profile
     for item in overrides or []:
         keys, value = _parse_set(item)
-        cls = RECIPES.get(raw.get("task", ""))
+        cls = recipe_class(str(raw.get("task", "")))
         if cls is not None and not isinstance(value, str | None) and _takes_text(cls, keys):
             value = item.split("=", 1)[1].strip()  # `--set run.name=off` names a run "off", not False
         node = raw
@@ -606,9 +606,11 @@ def load_recipe(
                 raise ConfigError(f"--set {item}: '{k}' is not a section")
         node[keys[-1]] = value
     task = raw.get("task")
-    if task not in RECIPES:
-        raise ConfigError(f"{path}: 'task' must be one of {', '.join(RECIPES)} (got {task!r})")
-    cls = RECIPES[task]
+    cls = recipe_class(str(task))
+    if cls is None:
+        from jobs import tasks
+
+        raise ConfigError(f"{path}: 'task' must be one of {', '.join(tasks.names())} (got {task!r})")
     try:
         return cls.model_validate(raw)
     except ValidationError as e:
@@ -655,7 +657,10 @@ def with_values(recipe: RecipeBase, values: dict[str, Any], source: str) -> Reci
 
 def recipe_from_dict(data: dict) -> RecipeBase:
     """Rebuild a recipe from `model_dump()` output (on workers, from a run directory)."""
-    return RECIPES[data["task"]].model_validate(data)
+    cls = recipe_class(data["task"])
+    if cls is None:
+        raise ConfigError(f"task '{data['task']}' is not registered here (is its package installed?)")
+    return cls.model_validate(data)
 
 
 def save_recipe(recipe: RecipeBase, path: Path) -> None:

@@ -119,7 +119,8 @@ def _section_table(cls: type[BaseModel], name: str) -> list[str]:
 
 def render_recipe_reference() -> str:
     """docs/recipes.md: every section and field of every task's recipe, from the typed config."""
-    from jobs.config import RECIPES, RecipeBase
+    from jobs import tasks
+    from jobs.config import RecipeBase
 
     common = [n for n, f in RecipeBase.model_fields.items() if _is_section(f.annotation)]
     lines = [
@@ -145,7 +146,7 @@ def render_recipe_reference() -> str:
     ]
     for name in common:
         lines += _section_table(RecipeBase.model_fields[name].annotation, name)
-    for task, cls in RECIPES.items():
+    for task, cls in ((t, tasks.spec(t).recipe) for t in tasks.builtin_names()):
         lines += [f"## `{task}` (`configs/{task}.yaml`)", ""]
         own = [
             n

@@ -78,7 +78,7 @@ def export(
     save_file(tensors, str(out_dir / WEIGHTS), metadata={"task": recipe.task, "format": "pt"})
     # files serving needs besides the weights (recsys: the track catalogue); the registry copies
     # every file of this folder
-    for path in map(Path, getattr(task, "export_files", lambda _: [])(recipe)):
+    for path in map(Path, task.export_files(recipe)):
         if not path.is_file():
             raise UserError(
                 f"{path} is missing: the exported {recipe.task} model needs it (prepare the data again)"
@@ -89,7 +89,7 @@ def export(
         recipe.task,
         recipe.data.root,
         task.input_spec(recipe),
-        getattr(task, "REFERENCE_ROWS", REFERENCE_ROWS),
+        task.REFERENCE_ROWS or REFERENCE_ROWS,
         batch_size=recipe.train.batch_size,
     )
     card = {
@@ -190,6 +190,12 @@ def load_exported(model_dir: str | Path) -> tuple[torch.nn.Module, dict]:
     if not (model_dir / WEIGHTS).is_file():
         raise FileNotFoundError(f"no exported model at {model_dir} ({WEIGHTS} missing)")
     card = json.loads((model_dir / CARD).read_text())
+    if (
+        card["model"]["name"] not in models.names()
+    ):  # a plugin task's architecture registers with its functions
+        from jobs import tasks
+
+        tasks.get(card["task"])
     model = models.build(card["model"]["name"], card["model"]["flavour"], **card["model"]["kwargs"])
     model.load_state_dict(load_file(str(model_dir / WEIGHTS)), strict=True)
     return model.eval(), card

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 
 from jobs import tasks
@@ -70,32 +69,6 @@ def model_states(
     return {"gpu": gpu, "host": host}
 
 
-# Shape legend: B = rows; the numpy batch the task's inputs() turns into the model's inputs.
-def example_batch(recipe: RecipeBase, rows: int) -> dict[str, np.ndarray]:
-    """Zeros shaped like a decoded training batch of the task (the spec tasks register has no
-    example input yet, so the shapes are kept here, beside the only code that needs them)."""
-    spec = tasks.get(recipe.task).input_spec(recipe)
-    if recipe.task == "retinopathy":
-        s = spec["image_size"]
-        return {"image": np.zeros((rows, 3, s, s), np.float32)}  # [B, 3, S, S]
-    if recipe.task == "autonomous":
-        h, w = spec["image_size"]
-        return {"images": np.zeros((rows, spec["num_cameras"], 3, h, w), np.float32)}  # [B, 8, 3, H, W]
-    if recipe.task == "recsys":
-        hist, audio = spec["history_len"], spec["audio_shape"]  # [mels, frames], or [8] from MSSD
-        audio_key = "candidate_audio" if spec["has_audio"] else "candidate_acoustic"
-        return {
-            "history_tracks": np.ones((rows, hist), np.int64),
-            "history_features": np.zeros((rows, hist, len(spec["event_feature_names"])), np.float32),
-            "history_mask": np.ones((rows, hist), bool),
-            "candidate": np.ones(rows, np.int64),
-            "candidate_features": np.zeros((rows, len(spec["track_feature_names"])), np.float32),
-            audio_key: np.zeros((rows, *audio), np.float32),
-            "context": np.zeros((rows, len(spec["context_feature_names"])), np.float32),
-        }
-    raise UserError(f"deepfleet plan knows no example input of task '{recipe.task}'")
-
-
 def _tensors(out) -> list[torch.Tensor]:
     if isinstance(out, torch.Tensor):
         return [out]
@@ -108,7 +81,7 @@ def saved_bytes(model: torch.nn.Module, recipe: RecipeBase, rows: int, bf16: boo
     samples, each storage counted once; storages of the model's weights and buffers are model
     states, not activations. Backward is not run: everything it needs is saved by then."""
     task = tasks.get(recipe.task)
-    inputs = task.inputs(example_batch(recipe, rows), torch.device("cpu"), torch.float32)
+    inputs = task.inputs(task.example_batch(recipe, rows), torch.device("cpu"), torch.float32)
     if mode is not None:
         inputs = [mode.from_tensor(x) for x in inputs]
     own = {t.untyped_storage()._cdata for t in (*model.parameters(), *model.buffers())}

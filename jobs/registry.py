@@ -90,7 +90,7 @@ class Registry:
 
         infos = self.fs.get_file_info(fs.FileSelector(self.root, allow_not_found=True))
         return sorted(
-            i.base_name for i in infos if i.type == fs.FileType.Directory and i.base_name in tasks.TASKS
+            i.base_name for i in infos if i.type == fs.FileType.Directory and i.base_name in tasks.names()
         )
 
     def versions(self, task: str) -> list[dict]:

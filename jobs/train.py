@@ -271,9 +271,8 @@ def train_siblings(recipe: RecipeBase, manifest: dict) -> dict[str, dict]:
     data exists; their summaries by name, for the task's baseline()."""
     import ray
 
-    siblings = getattr(tasks.get(recipe.task), "siblings", None)
     out = {}
-    for name, sibling in (siblings(recipe) if siblings else {}).items():
+    for name, sibling in tasks.get(recipe.task).siblings(recipe).items():
         done = sibling.run_dir / "summary.json"
         summary = json.loads(done.read_text()) if done.is_file() else None
         if summary and (summary.get("config_hash"), summary.get("data_fingerprint")) != (

@@ -131,7 +131,7 @@ def resolve_dtype(requested: str, use_gpu: bool, task: str) -> str:
     gpu = use_gpu and torch.cuda.is_available()
     supported = torch.cuda.is_bf16_supported() if gpu else native_bf16()
     if requested == "auto":
-        return "bf16" if supported and (gpu or getattr(tasks.get(task), "CPU_BF16", False)) else "fp32"
+        return "bf16" if supported and (gpu or tasks.get(task).CPU_BF16) else "fp32"
     if requested == "bf16" and not supported:
         where = (
             "this GPU"
@@ -213,7 +213,7 @@ def train_batches(shard, task, recipe: RecipeBase, epoch: int):
     permuted by a generator seeded with the recipe's seed and the epoch: a resumed epoch sees the
     order it saw before, the next epoch another one. Ray Data's own local shuffle buffer does the
     same mixing, several times slower, on the training worker's thread."""
-    rows = getattr(task, "SHUFFLE_BUFFER_ROWS", None)
+    rows = task.SHUFFLE_BUFFER_ROWS
     size = recipe.train.batch_size
     if not rows:
         return shard.iter_batches(batch_size=size, batch_format="numpy", drop_last=True, prefetch_batches=2)

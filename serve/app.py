@@ -5,13 +5,9 @@ serve deploy configs/serve/deepfleet.yaml        # the three tasks, see that fil
 deepfleet serve                                   # the same, on an embedded cluster by default
 """
 
-from typing import Literal
-
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray import serve
 from ray.serve import Application
-
-Task = Literal["retinopathy", "autonomous", "recsys"]
 
 
 class Args(BaseModel):
@@ -53,7 +49,7 @@ class Drift(Args):
 class ServeArgs(Args):
     """One task's application: which registry versions to serve and how."""
 
-    task: Task
+    task: str = Field(description="A registered task (jobs.tasks: deepfleet's own and installed plugins').")
     registry: str = Field("registry", description="Registry folder or URI (s3://, gs://, ...).")
     version: str | None = Field(None, description="Stable version (default: the newest in `stage`).")
     stage: str = Field("production", description="Stage the stable version is taken from.")
@@ -77,6 +73,14 @@ class ServeArgs(Args):
     )
     max_body_bytes: int = Field(8 << 20, ge=1024, description="Larger request bodies get 413.")
     drift: Drift = Drift()
+
+    @field_validator("task")
+    @classmethod
+    def _registered(cls, task: str) -> str:
+        from jobs import tasks
+
+        tasks.spec(task)  # ValueError naming the registered tasks
+        return task
 
     @model_validator(mode="after")
     def _canary(self):

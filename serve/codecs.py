@@ -17,6 +17,9 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from data_loaders.errors import DataError
+from jobs import tasks
+from jobs.tasks import Serving
+from serve import schemas
 
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError, DataError)
 
@@ -210,8 +213,11 @@ class Recsys(Codec):
         return {"history": [{"track_id": ids[0]}], "context": {}, "candidates": ids}
 
 
-CODECS = {"retinopathy": Retinopathy, "autonomous": Autonomous, "recsys": Recsys}
+RETINOPATHY = Serving(schemas.RetinopathyRequest, schemas.RetinopathyResponse, Retinopathy)
+AUTONOMOUS = Serving(schemas.AutonomousRequest, schemas.AutonomousResponse, Autonomous)
+RECSYS = Serving(schemas.RecsysRequest, schemas.RecsysResponse, Recsys)
 
 
 def get(task: str, card: dict, model_dir: Path) -> Codec:
-    return CODECS[task](card, model_dir)
+    """The codec of a registered task (its TaskSpec's Serving) for one exported model."""
+    return tasks.spec(task).api.codec(card, model_dir)

@@ -28,7 +28,6 @@ from ray.serve.handle import DeploymentHandle
 from ray.serve.metrics import Counter, Gauge, Histogram
 
 from serve import codecs
-from serve.schemas import SCHEMAS
 
 logger = logging.getLogger("ray.serve")
 
@@ -49,7 +48,7 @@ class Model:
         self.model.to(self.device)
         self.task = tasks.get(task)
         self.codec = codecs.get(task, self.card, model_dir)
-        self.request_type = SCHEMAS[task][0]
+        self.request_type = tasks.spec(task).api.request
         self.batch_sizes = Histogram(
             "deepfleet_batch_size",
             description="Requests per model forward pass.",
@@ -289,8 +288,11 @@ def api(task: str, max_body_bytes: int) -> FastAPI:
 
 def ingress(task: str, max_body_bytes: int):
     """The task's ingress deployment class: `Ingress` with typed routes for its bodies."""
+    from jobs import tasks
+
     app = api(task, max_body_bytes)
-    request_type, response_type = SCHEMAS[task]
+    serving = tasks.spec(task).api
+    request_type, response_type = serving.request, serving.response
 
     class TaskIngress(Ingress):
         @app.post("/predict", response_model=response_type, summary=f"{task} prediction")

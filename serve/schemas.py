@@ -129,10 +129,3 @@ class RankedTrack(BaseModel):
 
 class RecsysResponse(Answer):
     ranked: list[RankedTrack]
-
-
-SCHEMAS = {
-    "retinopathy": (RetinopathyRequest, RetinopathyResponse),
-    "autonomous": (AutonomousRequest, AutonomousResponse),
-    "recsys": (RecsysRequest, RecsysResponse),
-}

@@ -25,6 +25,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from jobs.tasks import builtin_names
+
 SECTIONS = {
     "train": "jobs.bench.train_step",
     "ingest": "jobs.bench.ingest",
@@ -32,7 +34,6 @@ SECTIONS = {
     "search": "jobs.bench.search",
     "gpu": "jobs.bench.gpu",
 }
-TASKS = ("retinopathy", "autonomous", "recsys")
 
 
 def machine() -> dict:
@@ -82,13 +83,15 @@ def bench(
     work_dir: str | Path = "runs/bench",
     progress: Callable[[str], None] = print,
 ) -> dict:
-    tasks, sections = list(tasks or TASKS), list(sections or SECTIONS)
+    # deepfleet's own tasks: the sections size their work per task (a plugin's would need its own)
+    known = builtin_names()
+    tasks, sections = list(tasks or known), list(sections or SECTIONS)
     for name in sections:
         if name not in SECTIONS:
             raise ValueError(f"unknown bench section '{name}' (sections: {', '.join(SECTIONS)})")
     for task in tasks:
-        if task not in TASKS:
-            raise ValueError(f"unknown task '{task}' (tasks: {', '.join(TASKS)})")
+        if task not in known:
+            raise ValueError(f"unknown task '{task}' (tasks: {', '.join(known)})")
     out, work_dir = Path(out), Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     result = {"machine": machine(), "quick": quick, "tasks": tasks, "sections": {}, "targets": []}

@@ -16,13 +16,13 @@ def app(model_dir: str, threads: int = 1):
     from jobs import tasks
     from jobs.export import load_exported
     from serve import codecs
-    from serve.schemas import SCHEMAS
 
     torch.set_num_threads(threads)
     model, card = load_exported(model_dir)
     task = tasks.get(card["task"])
     codec = codecs.get(card["task"], card, model_dir)
-    request_type, response_type = SCHEMAS[card["task"]]
+    serving = tasks.spec(card["task"]).api
+    request_type, response_type = serving.request, serving.response
     api = FastAPI()
 
     @api.post("/predict", response_model=response_type)

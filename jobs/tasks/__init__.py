@@ -1,47 +1,204 @@
-"""Task adapters: what the one training engine needs to know about each system.
+"""The task seam: what the one training engine, the driver, Tune, the registry, the bench and
+serving know about each system, and the one registry of tasks.
 
-A task module provides:
-  METRICS                                names of the headline validation metrics (summary.json)
-  LOWER_IS_BETTER                        those of them where lower is better (optional; val_loss always)
-  REFERENCE_ROWS                         validation rows of the drift reference (optional; default
-                                         jobs.export.REFERENCE_ROWS)
-  CPU_BF16                               whether dtype auto picks bf16 on CPUs with native bf16
-                                         (optional; default False: fp32 on CPUs)
-  SHUFFLE_BUFFER_ROWS                    rows each training rank shuffles locally, reseeded every
-                                         epoch (optional; default: the split's order)
-  prepare(recipe) -> manifest            generate or import the data into Parquet shards
-  datasets(recipe, manifest) -> dict     Ray Datasets "train" and "val", decoded and augmented
-  model_kwargs(recipe) -> dict           registry keyword arguments of the recipe's model (the
-                                         recipe's model section plus what the data fixes)
-  input_spec(recipe) -> dict             what the model's input looks like (kept in the model card;
-                                         iter_split and serving read it)
-  inputs(batch, device, dtype)           the model's positional inputs from a numpy batch
-  targets(batch, device)                 what metrics compare the output with
-  loss(recipe, output, batch, device)    the training loss
-  metrics(recipe) -> Metric              a torchmetrics Metric whose compute() gives the named metrics
-                                         (and val_loss, val_rows); it syncs across ranks by itself
-  baseline(recipe, manifest, siblings)   the same metrics for trivial predictors (and sibling runs)
-  siblings(recipe) -> dict               runs the driver trains beside the recipe's own, by name (optional;
-                                         recsys: the MF baseline); their summaries reach baseline()
-  sample_ids(batch) -> list[str]         stable ids of the rows (tracing, rank-sharded validation:
-                                         rows with one id are scored on one rank)
-  iter_split(root, split, batch_size, **input_spec)  numpy batches without Ray (offline evaluation)
-  drift_features(inputs, output) -> dict per-row float64 numpy features of the model's inputs (as
-                                         inputs() makes them) and of its output: export keeps their
-                                         validation-split reference in the card, serving watches
-                                         them for drift (jobs.drift); cheap, every batch pays it
-  export_files(recipe) -> list[Path]     files an exported model carries next to its weights
-                                         (optional; recsys: the track catalogue)
-  plot(metric, example, out_dir)         evaluation plots from the metric's state and one
-                                         (batch, output) example; returns the paths
+A task is a `TaskSpec`, registered by name:
+
+  - deepfleet's own three are listed once, in `jobs.tasks.builtin`;
+  - a package outside deepfleet adds one through the `deepfleet.tasks` entry point group, naming
+    its spec (``sentiment = "my_package:SPEC"`` under ``[project.entry-points."deepfleet.tasks"]``);
+  - code that runs in one process can also call `register(spec)`.
+
+A spec is cheap to load: the recipe's typed sections and where the rest lives. The task's
+functions (`TaskFunctions`: data, inputs, loss, metrics, baseline, drift features, plots) import
+torch and the loaders, so they are imported on first use (`spec.fn`), as is its serving API
+(`Serving`: request and response bodies, the codec between them and the model's rows).
+Every list of tasks (recipes, CLI, bench, serving) comes from `names()`.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
-from types import ModuleType
+import warnings
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from functools import cached_property
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
 
-TASKS = ("retinopathy", "autonomous", "recsys")
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from jobs.config import RecipeBase
+
+ENTRY_POINTS = "deepfleet.tasks"
+BUILTIN = "jobs.tasks.builtin:SPECS"
+
+
+class TaskFunctions(Protocol):
+    """What a task's functions module provides (`TaskSpec.functions` names it). `recipe` is the
+    task's own recipe type; batches are dicts of numpy arrays, as Ray Data hands them over."""
+
+    # constants, read-only (a module's tuple of four names is a tuple[str, ...])
+    @property
+    def METRICS(self) -> tuple[str, ...]:
+        """Headline validation metrics (summary.json, model card); the first is the default goal."""
+
+    @property
+    def LOWER_IS_BETTER(self) -> tuple[str, ...]:
+        """Those of METRICS where lower is better (val_loss always is)."""
+
+    @property
+    def CPU_BF16(self) -> bool:
+        """Whether dtype auto picks bf16 on CPUs with native bf16 (else fp32 there)."""
+
+    @property
+    def REFERENCE_ROWS(self) -> int | None:
+        """Validation rows of the drift reference (None: jobs.export.REFERENCE_ROWS)."""
+
+    @property
+    def SHUFFLE_BUFFER_ROWS(self) -> int | None:
+        """Rows each training rank shuffles locally, reseeded every epoch (None: the split's order)."""
+
+    def prepare(self, recipe: Any) -> dict:
+        """Generate or import the data into Parquet shards; returns the manifest."""
+
+    def datasets(self, recipe: Any, manifest: dict) -> dict:
+        """Ray Datasets "train" and "val", decoded and augmented."""
+
+    def model_kwargs(self, recipe: Any) -> dict:
+        """Registry keyword arguments of the recipe's model (its model section plus what the data fixes)."""
+
+    def input_spec(self, recipe: Any) -> dict:
+        """What the model's input looks like (kept in the model card; iter_split and serving read it)."""
+
+    def example_batch(self, recipe: Any, rows: int) -> dict[str, np.ndarray]:
+        """Zeros shaped like a decoded training batch of `rows` rows (deepfleet plan measures
+        activations with it before any data exists)."""
+
+    def inputs(self, batch: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        """The model's positional inputs from a numpy batch."""
+
+    def targets(self, batch: dict, device: torch.device) -> Any:
+        """What the metrics compare the output with."""
+
+    def loss(self, recipe: Any, output: Any, batch: dict, device: torch.device) -> torch.Tensor:
+        """The training loss (fp32)."""
+
+    def metrics(self, recipe: Any) -> Any:
+        """A torchmetrics Metric whose compute() gives METRICS (and val_loss, val_rows); it syncs
+        across ranks by itself."""
+
+    def baseline(self, recipe: Any, manifest: dict, siblings: dict | None = None) -> dict:
+        """The same metrics for trivial predictors (and the sibling runs' summaries)."""
+
+    def siblings(self, recipe: Any) -> dict:
+        """Runs the driver trains beside the recipe's own, by name (recsys: the MF baseline)."""
+
+    def sample_ids(self, batch: dict) -> list[str]:
+        """Stable ids of the rows (tracing; rows with one id are scored on one rank)."""
+
+    @property
+    def iter_split(self) -> Callable[..., Iterable[dict]]:
+        """`iter_split(root, split, batch_size, **input_spec)`: numpy batches of a split without
+        Ray (offline evaluation); each task takes the input_spec keys it needs."""
+
+    def drift_features(self, inputs: tuple[torch.Tensor, ...], output: Any) -> dict[str, np.ndarray]:
+        """Per-row float64 features of the model's inputs and output: export keeps their
+        validation reference in the card, serving watches them for drift. Every batch pays it."""
+
+    def export_files(self, recipe: Any) -> list[Path]:
+        """Files an exported model carries next to its weights (recsys: the track catalogue)."""
+
+    def plot(self, metric: Any, example: Any, out_dir: Path) -> list[str]:
+        """Evaluation plots from the metric's state and one (batch, output) example; their paths."""
+
+
+@dataclass(frozen=True)
+class Serving:
+    """A task's HTTP API: pydantic request and response bodies, and the codec (a
+    `serve.codecs.Codec`) that turns a request into the model's rows and its output into an answer."""
+
+    request: type
+    response: type
+    codec: type
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task: its name, its recipe's typed sections, and where its functions and serving API
+    live ("package.module" and "package.module:NAME", imported on first use)."""
+
+    name: str
+    recipe: type[RecipeBase]
+    functions: str
+    serving: str
+
+    @cached_property
+    def fn(self) -> TaskFunctions:
+        module: Any = importlib.import_module(self.functions)
+        return module
+
+    @cached_property
+    def api(self) -> Serving:
+        return _resolve(self.serving)
+
+
+def _resolve(ref: str) -> Any:
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@functools.cache
+def _registry() -> dict[str, TaskSpec]:
+    found: dict[str, TaskSpec] = {s.name: s for s in _resolve(BUILTIN)}
+    for ep in entry_points(group=ENTRY_POINTS):
+        try:
+            spec = ep.load()
+            spec = spec() if callable(spec) and not isinstance(spec, TaskSpec) else spec
+        except Exception as e:  # one broken plugin must not stop the others, nor deepfleet
+            warnings.warn(f"task plugin '{ep.name}' ({ep.value}) does not load: {e}", stacklevel=2)
+            continue
+        if not isinstance(spec, TaskSpec) or spec.name != ep.name or spec.name in found:
+            warnings.warn(
+                f"task plugin '{ep.name}' ({ep.value}) is not a new TaskSpec named '{ep.name}'", stacklevel=2
+            )
+            continue
+        found[spec.name] = spec
+    return found
+
+
+def register(spec: TaskSpec) -> TaskSpec:
+    """Add a task in this process (plugins that other processes must see use the entry point)."""
+    tasks = _registry()
+    if spec.name in tasks and tasks[spec.name] != spec:
+        raise ValueError(f"a task named '{spec.name}' is already registered")
+    tasks[spec.name] = spec
+    return spec
+
+
+def names() -> tuple[str, ...]:
+    """Every registered task: deepfleet's own first, then the plugins'."""
+    return tuple(_registry())
+
+
+def builtin_names() -> tuple[str, ...]:
+    """deepfleet's own tasks (what its docs and benchmarks cover)."""
+    return tuple(s.name for s in _resolve(BUILTIN))
+
+
+def spec(name: str) -> TaskSpec:
+    tasks = _registry()
+    if name not in tasks:
+        raise ValueError(f"unknown task '{name}' (valid: {', '.join(tasks)})")
+    return tasks[name]
+
+
+def get(name: str) -> TaskFunctions:
+    """The task's functions (imports torch and the task's loaders on first use)."""
+    return spec(name).fn
 
 
 def build_model(recipe):
@@ -68,7 +225,7 @@ def normalised(images, device, dtype, mean, std):
 
 def goal(task: str, metric: str) -> str:
     """Return "min" when a lower value of the metric is better, else "max"."""
-    lower = ("val_loss", *getattr(get(task), "LOWER_IS_BETTER", ()))
+    lower = ("val_loss", *get(task).LOWER_IS_BETTER)
     return "min" if metric in lower else "max"
 
 
@@ -79,8 +236,6 @@ def reported(task: str) -> tuple[str, ...]:
 
 def save_figure(fig, out_dir, name: str, dpi: int = 100) -> list[str]:
     """Lay out, write and close a matplotlib figure; the paths a task's plot() returns."""
-    from pathlib import Path
-
     import matplotlib.pyplot as plt
 
     fig.tight_layout()
@@ -88,9 +243,3 @@ def save_figure(fig, out_dir, name: str, dpi: int = 100) -> list[str]:
     fig.savefig(path, dpi=dpi)
     plt.close(fig)
     return [str(path)]
-
-
-def get(name: str) -> ModuleType:
-    if name not in TASKS:
-        raise ValueError(f"unknown task '{name}' (valid: {', '.join(TASKS)})")
-    return importlib.import_module(f"jobs.tasks.{name}")

@@ -26,6 +26,7 @@ LOWER_IS_BETTER = ("lane_error", "depth_absrel")
 # Rigs of the drift reference export computes on the CPU (8 camera images each; a full model's
 # 2048 rigs would take many minutes there); see jobs.export.reference_for.
 REFERENCE_ROWS = 128
+SHUFFLE_BUFFER_ROWS = None  # the split's order
 
 
 def prepare(recipe: AutonomousRecipe) -> dict:
@@ -54,6 +55,13 @@ def model_kwargs(recipe: AutonomousRecipe) -> dict:
 def input_spec(recipe: AutonomousRecipe) -> dict:
     d = recipe.data
     return {"image_size": [d.image_height, d.image_width], "num_cameras": data.NUM_CAMERAS, **_layout(recipe)}
+
+
+def example_batch(recipe: AutonomousRecipe, rows: int) -> dict[str, np.ndarray]:
+    """Zeros shaped like a decoded training batch (deepfleet plan): images [B, 8, 3, H, W]."""
+    spec = input_spec(recipe)
+    h, w = spec["image_size"]
+    return {"images": np.zeros((rows, spec["num_cameras"], 3, h, w), np.float32)}
 
 
 def inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor]:
@@ -194,6 +202,14 @@ def baseline(recipe: AutonomousRecipe, manifest: dict, siblings: dict | None = N
         "depth_absrel": absrel / max(pixels, 1),
         "depth_delta1": delta1 / max(pixels, 1),
     }
+
+
+def siblings(recipe: AutonomousRecipe) -> dict:
+    return {}  # no other run trains beside this task's
+
+
+def export_files(recipe: AutonomousRecipe) -> list[Path]:
+    return []  # the weights and the card are the whole export
 
 
 def drift_features(inputs: tuple[torch.Tensor, ...], output: dict) -> dict[str, np.ndarray]:

@@ -31,6 +31,8 @@ METRICS = ("auc", "ndcg10", "precision10", "cold_auc")
 CPU_BF16 = True
 TOP_K = 10
 SHUFFLE_BUFFER_ROWS = data.SHUFFLE_BUFFER_ROWS  # jobs.worker.train_batches: rows mixed locally
+LOWER_IS_BETTER: tuple[str, ...] = ()
+REFERENCE_ROWS = None  # jobs.export.REFERENCE_ROWS
 
 
 def _meta(recipe: RecsysRecipe) -> dict:
@@ -109,6 +111,23 @@ def export_files(recipe: RecsysRecipe) -> list[Path]:
 def _tensor(x, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     # Arrow-backed batches are read-only; torch wants writable memory (a copy only when needed)
     return torch.as_tensor(np.require(x, requirements="W"), device=device, dtype=dtype)
+
+
+def example_batch(recipe: RecsysRecipe, rows: int) -> dict[str, np.ndarray]:
+    """Zeros shaped like a decoded training batch (deepfleet plan): B rows of a history of H
+    events, the candidate and its audio ([mels, frames], or MSSD's 8 acoustic values)."""
+    spec = input_spec(recipe)
+    hist, audio = spec["history_len"], spec["audio_shape"]
+    audio_key = "candidate_audio" if spec["has_audio"] else "candidate_acoustic"
+    return {
+        "history_tracks": np.ones((rows, hist), np.int64),
+        "history_features": np.zeros((rows, hist, len(spec["event_feature_names"])), np.float32),
+        "history_mask": np.ones((rows, hist), bool),
+        "candidate": np.ones(rows, np.int64),
+        "candidate_features": np.zeros((rows, len(spec["track_feature_names"])), np.float32),
+        audio_key: np.zeros((rows, *audio), np.float32),
+        "context": np.zeros((rows, len(spec["context_feature_names"])), np.float32),
+    }
 
 
 # Shape legend: B = rows, H = history events, E/T/X = event/track/context features.

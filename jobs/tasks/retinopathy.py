@@ -21,6 +21,9 @@ METRICS = ("kappa", "accuracy", "referable_sensitivity", "referable_specificity"
 # dtype auto on CPU workers: bf16, its convolutions run faster in bf16 on CPUs with native bf16
 # (deepfleet bench --section train: bf16/fp32)
 CPU_BF16 = True
+LOWER_IS_BETTER: tuple[str, ...] = ()
+REFERENCE_ROWS = None  # jobs.export.REFERENCE_ROWS
+SHUFFLE_BUFFER_ROWS = None  # the split's order
 
 
 def prepare(recipe: RetinopathyRecipe) -> dict:
@@ -43,6 +46,12 @@ def model_kwargs(recipe: RetinopathyRecipe) -> dict:
 
 def input_spec(recipe: RetinopathyRecipe) -> dict:
     return {"image_size": recipe.data.image_size}
+
+
+def example_batch(recipe: RetinopathyRecipe, rows: int) -> dict[str, np.ndarray]:
+    """Zeros shaped like a decoded training batch (deepfleet plan): image [B, 3, S, S]."""
+    s = recipe.data.image_size
+    return {"image": np.zeros((rows, 3, s, s), np.float32)}
 
 
 def inputs(batch: dict, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor]:
@@ -88,6 +97,14 @@ def baseline(recipe: RetinopathyRecipe, manifest: dict, siblings: dict | None = 
         "referable_sensitivity": 1.0 if guess >= REFERABLE and positives else 0.0,
         "referable_specificity": 0.0 if guess >= REFERABLE else 1.0,
     }
+
+
+def siblings(recipe: RetinopathyRecipe) -> dict:
+    return {}  # no other run trains beside this task's
+
+
+def export_files(recipe: RetinopathyRecipe) -> list[Path]:
+    return []  # the weights and the card are the whole export
 
 
 def drift_features(inputs: tuple[torch.Tensor, ...], output) -> dict[str, np.ndarray]:
