@@ -8,6 +8,10 @@ recipe once rather than once per module that needs a trained model."""
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -18,6 +22,29 @@ CONFIGS = ROOT / "configs"
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+PLUGINS = ROOT / "tests" / "plugins"
+
+
+def pytest_sessionstart(session):
+    """Install the task packages under tests/plugins as a user installs theirs: pip (no network,
+    no dependencies) into a folder that this process and every process of the session's clusters
+    have on their path (PYTHONPATH reaches Ray's workers through the raylet), before anything
+    lists deepfleet's tasks. deepfleet finds them through their `deepfleet.tasks` entry points."""
+    site = Path(tempfile.mkdtemp(prefix="deepfleet-plugins-"))
+    session.config._plugin_site = site
+    for package in sorted(p.parent for p in PLUGINS.glob("*/pyproject.toml")):
+        source = shutil.copytree(package, site / "src" / package.name)  # builds write into the source
+        pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"]
+        subprocess.run([*pip, "--no-index", "--target", str(site / "lib"), str(source)], check=True)
+    sys.path.insert(0, str(site / "lib"))
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        filter(None, [str(site / "lib"), os.environ.get("PYTHONPATH")])
+    )
+
+
+def pytest_sessionfinish(session):
+    shutil.rmtree(getattr(session.config, "_plugin_site", ""), ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

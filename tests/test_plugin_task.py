@@ -1,0 +1,97 @@
+"""A task from outside deepfleet: the seed's text sentiment classifier, a package under
+tests/plugins that registers itself through the `deepfleet.tasks` entry point (conftest installs
+it with pip, as a user installs theirs on every node). It goes through deepfleet's public commands
+as the built-in tasks do (prepare, train under Ray Train + DeepSpeed, tune, register, promote,
+serve), joined to the session's cluster, with no line of deepfleet written for it."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import requests
+
+from tests.conftest import ROOT
+
+
+def _deepfleet(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "jobs.cli", *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, "COLUMNS": "200"},  # PYTHONPATH: the plugin's folder (conftest)
+    )
+
+
+def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.timeout(900)
+def test_a_plugin_task_trains_tunes_registers_and_serves(ray_local, tmp_path):
+    from deepfleet_sentiment import RECIPE
+    from ray import serve
+
+    from jobs import tasks
+    from jobs.registry import Registry
+
+    assert tasks.names()[-1] == "sentiment" and "sentiment" not in tasks.builtin_names()
+    address = ray_local.get_runtime_context().gcs_address
+    registry = tmp_path / "registry"
+    common = ["--profile", "tiny", "--set", f"data.root={tmp_path / 'data'}", "--address", address]
+
+    # train: 2 workers, ZeRO 2, the recipe as it ships; it learns the hidden rule
+    _ok(_deepfleet("train", str(RECIPE), *common, "--output-dir", str(tmp_path / "runs")))
+    summary = json.loads((tmp_path / "runs" / "sentiment-tiny" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["zero_stage"] == 2, summary
+    assert summary["metrics"]["accuracy"] >= 0.85, summary["metrics"]
+    assert summary["metrics"]["accuracy"] > summary["baseline"]["accuracy"] + 0.3, summary["baseline"]
+
+    # tune: the sweep's winner is registered as a candidate, then promoted through the gate
+    sweep = [*common, "--set", f"registry.uri={registry}", "--output-dir", str(tmp_path / "sweep")]
+    _ok(_deepfleet("tune", str(RECIPE), *sweep))
+    (entry,) = Registry(registry).versions("sentiment")
+    assert entry["stage"] == "candidate" and entry["test_metrics"]["accuracy"] >= 0.75, entry
+    _ok(
+        _deepfleet(
+            "promote", str(RECIPE), "--profile", "tiny", "--version", entry["version"], "--stage",
+            "production", "--set", f"registry.uri={registry}",
+        )
+    )  # fmt: skip
+
+    # serve: the production version answers over HTTP with the plugin's own bodies
+    port = _free_port()
+    served = _ok(
+        _deepfleet("serve", "--task", "sentiment", "--registry", str(registry), "--address", address,
+                   "--port", str(port))
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}/sentiment"
+        assert f"{url}/predict" in served.stdout, served.stdout
+        praise = requests.post(
+            f"{url}/predict", json={"text": "a great catchy chorus, lovely and fresh"}, timeout=60
+        )
+        complaint = requests.post(
+            f"{url}/predict", json={"text": "the dull boring verse was awful"}, timeout=60
+        )
+        assert praise.status_code == complaint.status_code == 200, praise.text + complaint.text
+        assert praise.json()["label"] == "positive" and complaint.json()["label"] == "negative"
+        assert praise.json()["version"] == entry["version"] == praise.headers["X-Model-Version"]
+        bad = requests.post(f"{url}/predict", json={"text": "great", "stars": 5}, timeout=60)
+        assert bad.status_code == 422 and "stars" in bad.json()["detail"], bad.text
+        assert requests.get(f"{url}/health", timeout=60).json()["status"] == "ok"
+    finally:
+        serve.shutdown()
