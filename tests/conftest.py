@@ -7,6 +7,7 @@ recipe once rather than once per module that needs a trained model."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -77,15 +78,28 @@ def _tiny(task: str, *sets: str):
 
 
 @pytest.fixture(scope="session")
-def retinopathy_run(ray_local, tiny_data, tmp_path_factory) -> dict:
-    """The README's main job: the tiny retinopathy recipe as it ships (2 workers, ZeRO 2), whole."""
-    from jobs.train import train
-
-    recipe = _tiny(
-        "retinopathy", f"data.root={tiny_data}", f"run.output_dir={tmp_path_factory.mktemp('runs')}"
-    )
+def retinopathy_cli(ray_local, tiny_data, tmp_path_factory) -> dict:
+    """The README's main job as a user runs it: `deepfleet train configs/retinopathy.yaml --profile
+    tiny` (2 workers, ZeRO 2), whole, a fresh run joined to the session's cluster. Its summary
+    (summary.json) and everything it printed (test_console reads that)."""
+    out = tmp_path_factory.mktemp("runs")
+    recipe = _tiny("retinopathy", f"data.root={tiny_data}", f"run.output_dir={out}")
     assert recipe.scaling.num_workers == 2 and recipe.train.zero_stage == 2
-    return train(recipe)
+    cmd = [sys.executable, "-m", "jobs.cli", "train", str(CONFIGS / "retinopathy.yaml"), "--profile", "tiny"]
+    cmd += ["--set", f"data.root={tiny_data}", "--output-dir", str(out)]
+    cmd += ["--address", ray_local.get_runtime_context().gcs_address]
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    env = {**os.environ, "PYTHONPATH": path, "COLUMNS": "200"}
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    summary = json.loads((recipe.run_dir / "summary.json").read_text())
+    return {"summary": summary, "console": proc.stdout + proc.stderr, "run_dir": recipe.run_dir}
+
+
+@pytest.fixture(scope="session")
+def retinopathy_run(retinopathy_cli) -> dict:
+    """The summary of the README's main job (retinopathy_cli)."""
+    return retinopathy_cli["summary"]
 
 
 @pytest.fixture(scope="session")

@@ -30,21 +30,19 @@ def _train(address: str, *args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.timeout(900)
-def test_train_prints_deepfleets_own_lines_and_verbose_adds_the_rest(ray_local, tmp_path):
+def test_train_prints_deepfleets_own_lines_and_verbose_adds_the_rest(ray_local, retinopathy_cli, tmp_path):
     address = ray_local.get_runtime_context().gcs_address
-    # the tiny recipe as it ships (6 epochs, a validation each) on 160 of its images
-    data = ["--set", f"data.root={tmp_path / 'data'}", "--set", "data.num_images=160"]
-    fresh = _train(address, *data, "--output-dir", str(tmp_path / "runs"))
-    assert fresh.returncode == 0, fresh.stderr[-3000:]
-    lines = [ln for ln in (fresh.stdout + fresh.stderr).splitlines() if ln.strip()]
+    # the README's main job: the tiny recipe as it ships (6 epochs, a validation each), a fresh run
+    lines = [ln for ln in retinopathy_cli["console"].splitlines() if ln.strip()]
     print("\n".join(lines))
     assert len(lines) <= 40, "\n".join(lines)
     assert not [ln for ln in lines if NOISE.search(ln)], "\n".join(lines)
     assert sum(ln.startswith("validation after epoch") for ln in lines) == 6, "\n".join(lines)
-    logs = tmp_path / "runs" / "retinopathy-tiny" / "logs"
+    logs = retinopathy_cli["run_dir"] / "logs"
     assert "Reporting training result" in (logs / "worker-0.log").read_text()
 
-    # --verbose: the same lines reach the console; `--name off` names the run "off"
+    # --verbose: the same lines reach the console; `--name off` names the run "off" (on 160 images)
+    data = ["--set", f"data.root={tmp_path / 'data'}", "--set", "data.num_images=160"]
     runs = ["--output-dir", str(tmp_path / "runs"), "--name", "off", "--set", "train.max_steps=2"]
     loud = _train(address, *data, *runs, "--verbose")
     assert loud.returncode == 0, loud.stderr[-3000:]
