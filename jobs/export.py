@@ -190,12 +190,10 @@ def load_exported(model_dir: str | Path) -> tuple[torch.nn.Module, dict]:
     if not (model_dir / WEIGHTS).is_file():
         raise FileNotFoundError(f"no exported model at {model_dir} ({WEIGHTS} missing)")
     card = json.loads((model_dir / CARD).read_text())
-    if (
-        card["model"]["name"] not in models.names()
-    ):  # a plugin task's architecture registers with its functions
+    if card["model"]["name"] not in models.names():
         from jobs import tasks
 
-        tasks.get(card["task"])
+        tasks.get(card["task"])  # a plugin task's architectures register with its functions
     model = models.build(card["model"]["name"], card["model"]["flavour"], **card["model"]["kwargs"])
     model.load_state_dict(load_file(str(model_dir / WEIGHTS)), strict=True)
     return model.eval(), card

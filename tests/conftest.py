@@ -25,6 +25,7 @@ os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
 PLUGINS = ROOT / "tests" / "plugins"
+PLUGIN_SITE = pytest.StashKey[Path]()
 
 
 def pytest_sessionstart(session):
@@ -33,7 +34,7 @@ def pytest_sessionstart(session):
     have on their path (PYTHONPATH reaches Ray's workers through the raylet), before anything
     lists deepfleet's tasks. deepfleet finds them through their `deepfleet.tasks` entry points."""
     site = Path(tempfile.mkdtemp(prefix="deepfleet-plugins-"))
-    session.config._plugin_site = site
+    session.config.stash[PLUGIN_SITE] = site
     for package in sorted(p.parent for p in PLUGINS.glob("*/pyproject.toml")):
         source = shutil.copytree(package, site / "src" / package.name)  # builds write into the source
         pip = [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation"]
@@ -44,8 +45,15 @@ def pytest_sessionstart(session):
     )
 
 
+def cli_env() -> dict[str, str]:
+    """The environment of a `deepfleet` subprocess: this checkout and the session's task plugins
+    on its path, a wide console."""
+    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    return {**os.environ, "PYTHONPATH": path, "COLUMNS": "200"}
+
+
 def pytest_sessionfinish(session):
-    shutil.rmtree(getattr(session.config, "_plugin_site", ""), ignore_errors=True)
+    shutil.rmtree(session.config.stash[PLUGIN_SITE], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -88,9 +96,7 @@ def retinopathy_cli(ray_local, tiny_data, tmp_path_factory) -> dict:
     cmd = [sys.executable, "-m", "jobs.cli", "train", str(CONFIGS / "retinopathy.yaml"), "--profile", "tiny"]
     cmd += ["--set", f"data.root={tiny_data}", "--output-dir", str(out)]
     cmd += ["--address", ray_local.get_runtime_context().gcs_address]
-    path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "PYTHONPATH": path, "COLUMNS": "200"}
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200, env=env)
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=1200, env=cli_env())
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads((recipe.run_dir / "summary.json").read_text())
     return {"summary": summary, "console": proc.stdout + proc.stderr, "run_dir": recipe.run_dir}

@@ -9,19 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CONFIGS, ROOT
+from tests.conftest import CONFIGS, ROOT, cli_env
 
 RECIPE = str(CONFIGS / "retinopathy.yaml")
 
 
-def deepfleet(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+def deepfleet(*args: str, cwd: Path | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "jobs.cli", *args],
         cwd=cwd or ROOT,
         capture_output=True,
         text=True,
-        timeout=240,
-        env={**__import__("os").environ, "PYTHONPATH": str(ROOT), "COLUMNS": "200"},
+        timeout=timeout,
+        env=cli_env(),
     )
 
 

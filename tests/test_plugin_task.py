@@ -7,37 +7,18 @@ serve), joined to the session's cluster, with no line of deepfleet written for i
 from __future__ import annotations
 
 import json
-import os
-import socket
 import subprocess
-import sys
 
 import pytest
 import requests
 
-from tests.conftest import ROOT
-
-
-def _deepfleet(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "jobs.cli", *args],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env={**os.environ, "COLUMNS": "200"},  # PYTHONPATH: the plugin's folder (conftest)
-    )
+from tests.test_cli import deepfleet
+from tests.test_serve import _free_port
 
 
 def _ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.timeout(900)
@@ -54,7 +35,7 @@ def test_a_plugin_task_trains_tunes_registers_and_serves(ray_local, tmp_path):
     common = ["--profile", "tiny", "--set", f"data.root={tmp_path / 'data'}", "--address", address]
 
     # train: 2 workers, ZeRO 2, the recipe as it ships; it learns the hidden rule
-    _ok(_deepfleet("train", str(RECIPE), *common, "--output-dir", str(tmp_path / "runs")))
+    _ok(deepfleet("train", str(RECIPE), *common, "--output-dir", str(tmp_path / "runs"), timeout=600))
     summary = json.loads((tmp_path / "runs" / "sentiment-tiny" / "summary.json").read_text())
     assert summary["world_size"] == 2 and summary["zero_stage"] == 2, summary
     assert summary["metrics"]["accuracy"] >= 0.85, summary["metrics"]
@@ -62,11 +43,11 @@ def test_a_plugin_task_trains_tunes_registers_and_serves(ray_local, tmp_path):
 
     # tune: the sweep's winner is registered as a candidate, then promoted through the gate
     sweep = [*common, "--set", f"registry.uri={registry}", "--output-dir", str(tmp_path / "sweep")]
-    _ok(_deepfleet("tune", str(RECIPE), *sweep))
+    _ok(deepfleet("tune", str(RECIPE), *sweep, timeout=600))
     (entry,) = Registry(registry).versions("sentiment")
     assert entry["stage"] == "candidate" and entry["test_metrics"]["accuracy"] >= 0.75, entry
     _ok(
-        _deepfleet(
+        deepfleet(
             "promote", str(RECIPE), "--profile", "tiny", "--version", entry["version"], "--stage",
             "production", "--set", f"registry.uri={registry}",
         )
@@ -75,7 +56,7 @@ def test_a_plugin_task_trains_tunes_registers_and_serves(ray_local, tmp_path):
     # serve: the production version answers over HTTP with the plugin's own bodies
     port = _free_port()
     served = _ok(
-        _deepfleet("serve", "--task", "sentiment", "--registry", str(registry), "--address", address,
+        deepfleet("serve", "--task", "sentiment", "--registry", str(registry), "--address", address,
                    "--port", str(port))
     )  # fmt: skip
     try:

@@ -5,8 +5,7 @@ A task is a `TaskSpec`, registered by name:
 
   - deepfleet's own three are listed once, in `jobs.tasks.builtin`;
   - a package outside deepfleet adds one through the `deepfleet.tasks` entry point group, naming
-    its spec (``sentiment = "my_package:SPEC"`` under ``[project.entry-points."deepfleet.tasks"]``);
-  - code that runs in one process can also call `register(spec)`.
+    its spec (``sentiment = "my_package:SPEC"`` under ``[project.entry-points."deepfleet.tasks"]``).
 
 A spec is cheap to load: the recipe's typed sections and where the rest lives. The task's
 functions (`TaskFunctions`: data, inputs, loss, metrics, baseline, drift features, plots) import
@@ -157,7 +156,6 @@ def _registry() -> dict[str, TaskSpec]:
     for ep in entry_points(group=ENTRY_POINTS):
         try:
             spec = ep.load()
-            spec = spec() if callable(spec) and not isinstance(spec, TaskSpec) else spec
         except Exception as e:  # one broken plugin must not stop the others, nor deepfleet
             warnings.warn(f"task plugin '{ep.name}' ({ep.value}) does not load: {e}", stacklevel=2)
             continue
@@ -168,15 +166,6 @@ def _registry() -> dict[str, TaskSpec]:
             continue
         found[spec.name] = spec
     return found
-
-
-def register(spec: TaskSpec) -> TaskSpec:
-    """Add a task in this process (plugins that other processes must see use the entry point)."""
-    tasks = _registry()
-    if spec.name in tasks and tasks[spec.name] != spec:
-        raise ValueError(f"a task named '{spec.name}' is already registered")
-    tasks[spec.name] = spec
-    return spec
 
 
 def names() -> tuple[str, ...]:
