@@ -223,6 +223,7 @@ def promote(
     from jobs.promote import promote as to_production
     from jobs.promote import register_run
     from jobs.registry import Registry
+    from jobs.storage import redact
 
     recipe = recipe_from_options(config, profile, set_, output_dir, name)
     if version is None:
@@ -230,7 +231,9 @@ def promote(
         out.print(
             _metrics_table(f"{recipe.task} {entry['version']} on the test split", entry["test_metrics"])
         )
-        out.print(f"registered: {recipe.task} {entry['version']} ({entry['stage']}) in {recipe.registry.uri}")
+        out.print(
+            f"registered: {recipe.task} {entry['version']} ({entry['stage']}) in {redact(recipe.registry.uri)}"
+        )
         version = entry["version"]
     if stage == "production":
         entry = to_production(recipe, version, force=force)
@@ -255,7 +258,7 @@ def models(
     for name in [task] if task else reg.tasks():
         versions = reg.versions(name)
         metrics = all_tasks.reported(name)
-        table = Table(title=f"{name} models in {registry}")
+        table = Table(title=f"{name} models in {reg.uri}")
         for col in ("version", "stage", *metrics, "registered", "from"):
             table.add_column(col, justify="right" if col in metrics else "left")
         for v in versions:
@@ -276,8 +279,12 @@ def models(
                 origin,
             )
         out.print(table)
+        for cut in reg.incomplete(name):
+            out.print(
+                f"note: {name} {cut} is incomplete (a registration cut short); it is skipped and may be deleted"
+            )
     if not task and not reg.tasks():
-        out.print(f"no models registered in {registry}")
+        out.print(f"no models registered in {reg.uri}")
 
 
 @app.command()

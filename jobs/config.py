@@ -348,6 +348,9 @@ class RunSection(Section):
     """Worker-group failures Ray Train recovers from (from the last checkpoint); -1 is unlimited."""
     keep_checkpoints: int = Field(2, ge=1)
     """Most recent checkpoints kept on storage."""
+    allow_changes: bool = False
+    """Let a run started again go on with another model, task or data (refused by default: its
+    checkpoints hold the old model)."""
 
 
 class WandbSection(Section):

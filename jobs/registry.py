@@ -5,21 +5,46 @@ serving nodes read what its training nodes registered. A version is written once
 (`model.safetensors`, `model_card.json` with the test metrics and lineage, and every other file
 the export wrote, such as recsys's `tracks.parquet`); only `stage.json` changes afterwards
 (candidate -> production -> archived, with the history of each move).
+
+Writers take the task's lock (`<task>/.lock`, jobs.storage): registrations get distinct numbers
+and promotions leave one production version. `stage.json` is written last and whole, so a
+version folder without it (a registration cut short) is not a version: readers skip it and the
+next registration numbers past it. The card names the sha256 of every file; fetched copies are
+checked against it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 
 from jobs import tasks
 from jobs.errors import UserError
 from jobs.export import CARD, WEIGHTS
+from jobs.storage import Lock, is_local, redact, write_atomic
 
 STAGES = ("candidate", "production", "archived")
 STAGE = "stage.json"
+VERSION = re.compile(r"v[1-9][0-9]*")
+LOCK_WAIT_S = 120.0  # a registration copies a model: seconds, minutes from object storage
+
+
+def check_version(version: str) -> str:
+    if not VERSION.fullmatch(str(version)):
+        raise UserError(f"'{version}' is not a registry version (v1, v2, ...)")
+    return version
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def _now() -> str:
@@ -63,12 +88,12 @@ class Registry:
         from pyarrow import fs
 
         uri = str(uri)
-        self.uri = uri
+        self.uri = redact(uri)  # what messages and files name: never a credential
         if "://" in uri:
             try:
                 self.fs, self.root = fs.FileSystem.from_uri(uri)
             except Exception as e:  # pyarrow raises several types for bad or unreachable URIs
-                raise UserError(f"registry {uri}: {str(e).splitlines()[0]}") from None
+                raise UserError(f"registry {self.uri}: {redact(str(e).splitlines()[0])}") from None
         else:
             self.fs, self.root = fs.LocalFileSystem(), str(Path(uri).expanduser().resolve())
 
@@ -82,8 +107,12 @@ class Registry:
             return json.loads(f.read().decode())
 
     def _write_json(self, path: str, data: dict) -> None:
-        with self.fs.open_output_stream(path) as f:
-            f.write(json.dumps(data, indent=2).encode())
+        write_atomic(self.fs, path, json.dumps(data, indent=2).encode())
+
+    def lock(self, task: str) -> Lock:
+        """The task's writer lock: registrations and stage moves take it in turn."""
+        self.fs.create_dir(self._path(task), recursive=True)
+        return Lock(self.fs, self._path(task, ".lock"), f"registry {self.uri} ({task})", wait_s=LOCK_WAIT_S)
 
     def tasks(self) -> list[str]:
         from pyarrow import fs
@@ -93,20 +122,37 @@ class Registry:
             i.base_name for i in infos if i.type == fs.FileType.Directory and i.base_name in tasks.names()
         )
 
-    def versions(self, task: str) -> list[dict]:
-        """Every version of a task, oldest first: its card (with test metrics) and its stage."""
+    def _folders(self, task: str) -> list[str]:
+        """Every version folder of a task, complete or not, oldest first."""
         from pyarrow import fs
 
         infos = self.fs.get_file_info(fs.FileSelector(self._path(task), allow_not_found=True))
-        names = [i.base_name for i in infos if i.type == fs.FileType.Directory and i.base_name[1:].isdigit()]
-        return [self.entry(task, v) for v in sorted(names, key=lambda v: int(v[1:]))]
+        names = [
+            i.base_name for i in infos if i.type == fs.FileType.Directory and VERSION.fullmatch(i.base_name)
+        ]
+        return sorted(names, key=lambda v: int(v[1:]))
+
+    def _complete(self, task: str) -> list[str]:
+        folders = self._folders(task)
+        stages = self.fs.get_file_info([self._path(task, v, STAGE) for v in folders])
+        return [v for v, info in zip(folders, stages, strict=True) if info.size is not None]
+
+    def incomplete(self, task: str) -> list[str]:
+        """Version folders without a stage: registrations cut short (skipped by every reader)."""
+        done = set(self._complete(task))
+        return [v for v in self._folders(task) if v not in done]
+
+    def versions(self, task: str) -> list[dict]:
+        """Every version of a task, oldest first: its card (with test metrics) and its stage."""
+        return [self.entry(task, v) for v in self._complete(task)]
 
     def entry(self, task: str, version: str) -> dict:
+        check_version(version)
         try:
-            card = self._read_json(self._path(task, version, CARD))
             stage = self._read_json(self._path(task, version, STAGE))
+            card = self._read_json(self._path(task, version, CARD))
         except FileNotFoundError:
-            known = ", ".join(v["version"] for v in self.versions(task)) or "none"
+            known = ", ".join(self._complete(task)) or "none"
             raise UserError(f"registry {self.uri}: no {task} model {version} (versions: {known})") from None
         return {**card, "version": version, "stage": stage["stage"], "history": stage["history"]}
 
@@ -127,14 +173,20 @@ class Registry:
     ) -> Path:
         """A local folder holding the model, every file of its version (the registry's own folder
         when it is local). A cached copy is topped up with what it lacks: a fetch cut short, or
-        made before the version's files were all fetched, is completed, not trusted."""
+        made before the version's files were all fetched, is completed, not trusted. The cache
+        is keyed by the registry (its URI without credentials) and checked against the card's
+        sha256 of every file: two registries' v3 never share a copy."""
         from pyarrow import fs
 
         entry = self.resolve(task, version, stage)
         src = self._path(task, entry["version"])
-        if isinstance(self.fs, fs.LocalFileSystem):
+        if is_local(self.fs):
             return Path(src)
-        dest = Path(cache or Path.home() / ".cache" / "deepfleet" / "registry") / task / entry["version"]
+        key = hashlib.sha256(self.uri.encode()).hexdigest()[:16]
+        dest = (
+            Path(cache or Path.home() / ".cache" / "deepfleet" / "registry") / key / task / entry["version"]
+        )
+        sums = entry.get("files", {})
         infos = self.fs.get_file_info(fs.FileSelector(src, recursive=True))
         for info in infos:
             rel = info.path[len(src.rstrip("/")) + 1 :]
@@ -142,7 +194,8 @@ class Registry:
             # a version is written once; stage.json changes, and the entry above has read it
             if info.type != fs.FileType.File or rel == STAGE:
                 continue
-            if local.is_file() and local.stat().st_size == info.size:
+            fetched = local.is_file() and local.stat().st_size == info.size
+            if fetched and (rel not in sums or sha256_of(local) == sums[rel]):
                 continue
             local.parent.mkdir(parents=True, exist_ok=True)
             partial = local.with_name(local.name + ".part")  # never a half-copied file under its name
@@ -152,6 +205,11 @@ class Registry:
                 source_filesystem=self.fs,
                 destination_filesystem=fs.LocalFileSystem(),
             )
+            if rel in sums and sha256_of(partial) != sums[rel]:
+                partial.unlink()
+                raise UserError(
+                    f"registry {self.uri}: {task} {entry['version']}/{rel} does not match its card's sha256"
+                )
             partial.replace(local)
         return dest
 
@@ -162,52 +220,60 @@ class Registry:
     ) -> dict:
         """Copy an exported model in as the task's next version. Registering the same model
         (same lineage) twice returns the existing version: a resumed sweep does not duplicate it."""
-        from pyarrow import fs
-
         card = json.loads((Path(model_dir) / CARD).read_text())
         task = card["task"]
-        lineage = {**card.get("lineage", {}), **lineage}
-        for existing in self.versions(task):
-            if existing.get("lineage") == lineage:
-                return existing
-        numbers = [int(v["version"][1:]) for v in self.versions(task)]
-        version = f"v{max(numbers, default=0) + 1}"
-        dest = self._path(task, version)
-        self.fs.create_dir(dest, recursive=True)
-        # every file of the export (weights, and what the task carries: recsys's track catalogue);
-        # the card is written below with the test metrics, the stage is the registry's own
         if not (Path(model_dir) / WEIGHTS).is_file():
             raise UserError(f"no exported model at {model_dir} ({WEIGHTS} missing)")
-        for path in sorted(Path(model_dir).rglob("*")):
+        lineage = {**card.get("lineage", {}), **lineage}
+        with self.lock(task):
+            for existing in self.versions(task):
+                if existing.get("lineage") == lineage:
+                    return existing
+            # past every folder, complete or not: a registration cut short keeps its number
+            version = f"v{max((int(v[1:]) for v in self._folders(task)), default=0) + 1}"
+            sums = self._copy_in(Path(model_dir), task, version)
+            card.update(test_metrics=test_metrics, lineage=lineage, registered=_now(), files=sums)
+            self._write_json(self._path(task, version, CARD), card)
+            # last: the version exists once its stage does
+            self._write_json(
+                self._path(task, version, STAGE),
+                {"stage": stage, "history": [{"stage": stage, "at": _now(), "why": "registered"}]},
+            )
+        return self.entry(task, version)
+
+    def _copy_in(self, model_dir: Path, task: str, version: str) -> dict[str, str]:
+        """Every file of the export (weights, and what the task carries: recsys's track
+        catalogue) but the card and stage, which are the registry's; their sha256 by name."""
+        from pyarrow import fs
+
+        self.fs.create_dir(self._path(task, version), recursive=True)
+        sums = {}
+        for path in sorted(model_dir.rglob("*")):
             rel = path.relative_to(model_dir).as_posix()
             if not path.is_file() or rel in (CARD, STAGE):
                 continue
             if "/" in rel:
                 self.fs.create_dir(self._path(task, version, *rel.split("/")[:-1]), recursive=True)
+            sums[rel] = sha256_of(path)
             fs.copy_files(
                 str(path),
                 self._path(task, version, *rel.split("/")),
                 source_filesystem=fs.LocalFileSystem(),
                 destination_filesystem=self.fs,
             )
-        card.update(test_metrics=test_metrics, lineage=lineage, registered=_now())
-        self._write_json(self._path(task, version, CARD), card)
-        self._write_json(
-            self._path(task, version, STAGE),
-            {"stage": stage, "history": [{"stage": stage, "at": _now(), "why": "registered"}]},
-        )
-        return self.entry(task, version)
+        return sums
 
     def set_stage(self, task: str, version: str, stage: str, why: str) -> dict:
         """Move a version to a stage; a new production version archives the previous one."""
         if stage not in STAGES:
             raise UserError(f"unknown stage '{stage}' (stages: {', '.join(STAGES)})")
-        entry = self.entry(task, version)
-        if stage == "production":
-            current = self.production(task)
-            if current is not None and current["version"] != version:
-                self._move(task, current["version"], "archived", f"replaced by {version}")
-        self._move(task, version, stage, why)
+        with self.lock(task):
+            entry = self.entry(task, version)
+            if stage == "production":
+                for other in self.versions(task):
+                    if other["stage"] == "production" and other["version"] != version:
+                        self._move(task, other["version"], "archived", f"replaced by {version}")
+            self._move(task, version, stage, why)
         return {**entry, "stage": stage}
 
     def _move(self, task: str, version: str, stage: str, why: str) -> None:

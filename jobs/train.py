@@ -15,6 +15,7 @@ from pathlib import Path
 from jobs import tasks
 from jobs.config import RecipeBase, save_recipe
 from jobs.errors import UserError
+from jobs.storage import Lock
 
 
 def plan_steps(recipe: RecipeBase, manifest: dict) -> tuple[int, int]:
@@ -174,36 +175,81 @@ def train(
     # paths travel to workers on other nodes: make them absolute (shared storage on clusters)
     recipe.data.root = str(Path(recipe.data.root).expanduser().resolve())
     run_dir = recipe.run_dir
-    previous = run_dir / "config.yaml"
-    resumed = previous.exists()
-    if resumed:
-        import yaml
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # one process trains a run at a time; a killed one leaves no lock (jobs.storage)
+    with Lock(None, str(run_dir / RUN_LOCK), f"run {run_dir}"):
+        previous = same_run(recipe)
+        embedded = not (address or os.environ.get("RAY_ADDRESS"))
+        check_recipe(recipe, embedded)
+        manifest = prepare_data(recipe)  # no Ray needed: data mistakes surface in seconds
+        same_data(recipe, previous, manifest)
+        save_recipe(recipe, run_dir / "config.yaml")
+        (run_dir / RUN_DATA).write_text(json.dumps({"fingerprint": manifest["fingerprint"]}))
+        steps = plan_steps(recipe, manifest)
+        verbose = tracking.verbose() if verbose is None else verbose
+        connect(address)
+        check_cluster(recipe, embedded)
+        if check_fit:
+            check_memory(recipe, embedded)
+        with tracking.run_log(run_dir / "logs" / "driver.log") if not verbose else contextlib.nullcontext():
+            result, wall = _fit(recipe, manifest, steps, callbacks, echo, epoch_hook, verbose)
+        if result.checkpoint is None:
+            raise UserError(f"training of {run_dir} ended without a checkpoint")
+        return finish(recipe, result.checkpoint, manifest, wall) if export else None
 
-        from jobs.config import recipe_from_dict
 
+RUN_LOCK = ".lock"
+RUN_DATA = "data.json"  # the fingerprint of the data the run trains on
+
+
+def _refuse_changes(recipe: RecipeBase, changed: list[str]) -> None:
+    if changed and not recipe.run.allow_changes:
+        raise UserError(
+            f"run {recipe.run_dir} was trained with another {', '.join(changed)}: start a new run "
+            "(--name) or --set run.allow_changes=true to go on with this one"
+        )
+
+
+def same_run(recipe: RecipeBase) -> RecipeBase | None:
+    """The recipe an existing run was started with (None for a new run). A run resumes with a
+    longer budget or other settings, but not with another task or model: its checkpoints hold
+    that model. Refused naming the keys, before anything in the run changes."""
+    previous = recipe.run_dir / "config.yaml"
+    if not previous.exists():
+        return None
+    import yaml
+
+    from jobs.config import recipe_from_dict
+
+    try:
         old = recipe_from_dict(yaml.safe_load(previous.read_text()))
-        if old.config_hash() != recipe.config_hash():
-            print(
-                f"note: resuming {run_dir} with a changed recipe (config hash {old.config_hash()} -> "
-                f"{recipe.config_hash()})",
-                flush=True,
-            )
-    save_recipe(recipe, run_dir / "config.yaml")
+    except Exception:
+        _refuse_changes(recipe, ["recipe (its config.yaml no longer loads)"])
+        return None
+    if old.task != recipe.task:
+        _refuse_changes(recipe, [f"task ({old.task}, not {recipe.task})"])
+        return old
+    was, now = old.model.model_dump(mode="json"), recipe.model.model_dump(mode="json")
+    _refuse_changes(recipe, [f"model.{k}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)])
+    if old.config_hash() != recipe.config_hash():
+        print(
+            f"note: resuming {recipe.run_dir} with a changed recipe (config hash {old.config_hash()} -> "
+            f"{recipe.config_hash()})",
+            flush=True,
+        )
+    return old
 
-    embedded = not (address or os.environ.get("RAY_ADDRESS"))
-    check_recipe(recipe, embedded)
-    manifest = prepare_data(recipe)  # no Ray needed: data mistakes surface in seconds
-    steps = plan_steps(recipe, manifest)
-    verbose = tracking.verbose() if verbose is None else verbose
-    connect(address)
-    check_cluster(recipe, embedded)
-    if check_fit:
-        check_memory(recipe, embedded)
-    with tracking.run_log(run_dir / "logs" / "driver.log") if not verbose else contextlib.nullcontext():
-        result, wall = _fit(recipe, manifest, steps, callbacks, echo, epoch_hook, verbose)
-    if result.checkpoint is None:
-        raise UserError(f"training of {run_dir} ended without a checkpoint")
-    return finish(recipe, result.checkpoint, manifest, wall) if export else None
+
+def same_data(recipe: RecipeBase, previous: RecipeBase | None, manifest: dict) -> None:
+    """An existing run goes on with the data it trained on (its fingerprint), or refuses."""
+    if previous is None:
+        return
+    recorded = recipe.run_dir / RUN_DATA
+    fingerprint = json.loads(recorded.read_text())["fingerprint"] if recorded.is_file() else None
+    if fingerprint and fingerprint != manifest["fingerprint"]:
+        _refuse_changes(
+            recipe, [f"data (fingerprint {fingerprint[:12]}, now {manifest['fingerprint'][:12]})"]
+        )
 
 
 def _fit(recipe: RecipeBase, manifest: dict, steps: tuple[int, int], callbacks, echo, epoch_hook, verbose):

@@ -25,6 +25,7 @@ from ray.tune.schedulers import ASHAScheduler
 from jobs import tasks
 from jobs.config import ConfigError, RecipeBase, recipe_from_dict, save_recipe, with_values
 from jobs.errors import UserError
+from jobs.storage import redact
 
 TRIAL_DRIVER_CPU = 0.05  # the trial function only waits on its TorchTrainer; its workers hold the CPUs
 
@@ -343,6 +344,26 @@ def _register_best(
     return entry, promoted
 
 
+def same_sweep(recipe: RecipeBase, sweep_dir: Path) -> None:
+    """A killed sweep resumes under the space, samples and scheduler Tune saved, with the trial
+    recipe it started with: started again with other ones, it refuses naming what differs."""
+    import yaml
+
+    previous = sweep_dir / "config.yaml"
+    if not (previous.is_file() and (sweep_dir / "tune").exists()):
+        return
+    old = recipe_from_dict(yaml.safe_load(previous.read_text()))
+    was, now = old.tune.model_dump(mode="json"), recipe.tune.model_dump(mode="json")
+    changed = [f"tune.{k}" for k in sorted(set(was) | set(now)) if was.get(k) != now.get(k)]
+    if base_trial_recipe(old).config_hash() != base_trial_recipe(recipe).config_hash():
+        changed.append("trial recipe (model, data or training settings)")
+    if changed:
+        raise UserError(
+            f"sweep {sweep_dir} was started with another {', '.join(changed)}: start a new sweep "
+            "(--name), or start it again as it was"
+        )
+
+
 def sweep(recipe: RecipeBase, address: str | None = None) -> dict:
     """Run (or resume) the recipe's sweep; register the best model; write sweep.json."""
     from cluster.local import connect
@@ -359,6 +380,7 @@ def sweep(recipe: RecipeBase, address: str | None = None) -> dict:
     # paths travel to trials on other nodes: absolute (shared storage on clusters)
     recipe.data.root = base.data.root = str(Path(recipe.data.root).expanduser().resolve())
     manifest = prepare_data(base)  # once, before the trials (they reuse the shards)
+    same_sweep(recipe, sweep_dir)
     save_recipe(recipe, sweep_dir / "config.yaml")
 
     connect(address)
@@ -403,7 +425,7 @@ def sweep(recipe: RecipeBase, address: str | None = None) -> dict:
         "best": best,
         "defaults": default_trial,
         "registered": {
-            "registry": recipe.registry.uri,
+            "registry": redact(recipe.registry.uri),
             "version": entry["version"],
             "stage": "production" if promoted else entry["stage"],
             "test_metrics": entry["test_metrics"],

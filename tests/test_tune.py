@@ -127,6 +127,20 @@ def test_a_killed_sweep_resumes_without_training_finished_trials_again(sweep):
 
 
 @pytest.mark.timeout(120)
+def test_a_sweep_started_again_with_another_space_or_sample_count_refuses(sweep):
+    """Tune resumes a sweep under the space and scheduler it saved: started again with other
+    ones, the sweep refuses in one line instead of training under the old ones silently."""
+    out = sweep["out"]
+    common = ["--profile", "tiny", "--output-dir", str(out / "runs"), "--set", f"data.root={out / 'data'}"]
+    common += ["--set", f"data.num_images={SWEEP_IMAGES}", "--set", f"registry.uri={out / 'registry'}"]
+    line = one_line_error(deepfleet("tune", RECIPE, *common, "--set", "tune.num_samples=9"))
+    assert f"sweep {out / 'runs' / SWEEP} was started with another tune.num_samples" in line, line
+    space = "tune.space={train.lr: {loguniform: [1.0e-4, 1.0e-3]}}"
+    line = one_line_error(deepfleet("tune", RECIPE, *common, "--set", space, "--set", "model.dropout=0.2"))
+    assert "another tune.space, trial recipe (model, data or training settings)" in line, line
+
+
+@pytest.mark.timeout(120)
 def test_the_winner_is_a_candidate_in_the_registry_with_its_model_card(sweep):
     from jobs.export import load_exported
     from jobs.registry import Registry
