@@ -176,8 +176,9 @@ def train(
     recipe.data.root = str(Path(recipe.data.root).expanduser().resolve())
     run_dir = recipe.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    # one process trains a run at a time; a killed one leaves no lock (jobs.storage)
-    with Lock(None, str(run_dir / RUN_LOCK), f"run {run_dir}"):
+    # one process trains a run at a time; a killed one leaves no lock (jobs.storage). The wait
+    # covers a killed sweep's trial actors, which Ray stops a few seconds after their driver.
+    with Lock(None, str(run_dir / RUN_LOCK), f"run {run_dir}", wait_s=RUN_LOCK_WAIT_S):
         previous = same_run(recipe)
         embedded = not (address or os.environ.get("RAY_ADDRESS"))
         check_recipe(recipe, embedded)
@@ -199,6 +200,7 @@ def train(
 
 
 RUN_LOCK = ".lock"
+RUN_LOCK_WAIT_S = 10.0
 RUN_DATA = "data.json"  # the fingerprint of the data the run trains on
 
 

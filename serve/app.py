@@ -72,6 +72,9 @@ class ServeArgs(Args):
         0.25, gt=0, description="CPUs of the ingress in front of a canary release's model deployments."
     )
     max_body_bytes: int = Field(8 << 20, ge=1024, description="Larger request bodies get 413.")
+    request_timeout_s: float = Field(
+        30.0, gt=0, description="A prediction not answered within this many seconds gets 504."
+    )
     drift: Drift = Drift()
 
     @field_validator("task")
@@ -129,7 +132,7 @@ def build(args: ServeArgs) -> Application:
     }
     if not args.canary:
         front = front.options(**replicas, user_config={"canary_percent": 0, **args.batching.model_dump()})
-        return front.bind(args.task, model_args, references, args.drift.model_dump())
+        return front.bind(args.task, model_args, references, args.drift.model_dump(), args.request_timeout_s)
     model = serve.deployment(Model).options(**replicas, user_config=args.batching.model_dump())
     models = {v: model.options(name=f"model-{v}").bind(**kwargs) for v, kwargs in model_args.items()}
     front = front.options(
@@ -138,4 +141,4 @@ def build(args: ServeArgs) -> Application:
         user_config={"canary_percent": args.canary_percent},
         ray_actor_options={"num_cpus": args.ingress_cpus},
     )
-    return front.bind(args.task, models, references, args.drift.model_dump())
+    return front.bind(args.task, models, references, args.drift.model_dump(), args.request_timeout_s)

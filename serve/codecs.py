@@ -41,6 +41,23 @@ def _why(e: BaseException) -> str:
     return str(e).splitlines()[0][:200]
 
 
+def image_size(
+    data: bytes, what: str, max_pixels: float = float("inf"), max_aspect: float = float("inf")
+) -> tuple[int, int]:
+    """An image's (width, height) from its header alone, nothing decoded, within the endpoint's
+    limits: a few hundred bytes of PNG may declare gigapixels, and decoding them is the attack."""
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+    except DECODE_ERRORS as e:
+        raise BadInput(f"{what} does not decode: {_why(e)}") from None
+    if w * h > max_pixels:
+        raise BadInput(f"{what} is {w}x{h} pixels: over the limit of {max_pixels / 1e6:g} megapixels")
+    if max(w, h) > max_aspect * max(1, min(w, h)):
+        raise BadInput(f"{what} is {w}x{h} pixels: more elongated than the limit of {max_aspect:g}:1")
+    return w, h
+
+
 def _png(rgb: np.ndarray) -> str:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG")
@@ -74,10 +91,15 @@ class Codec:
 
 
 class Retinopathy(Codec):
+    # fundus cameras take 1-24 megapixels at about 1.5:1; padding to a square then needs
+    # side^2 pixels, so the bound is on the longer side as well
+    MAX_PIXELS, MAX_ASPECT = 40e6, 3.0
+
     def decode(self, request: dict) -> dict[str, np.ndarray]:
         from data_loaders.retinopathy import preprocess_image
 
         data = _bytes(request["image"], "image")
+        image_size(data, "image", self.MAX_PIXELS, self.MAX_ASPECT)
         try:
             x = preprocess_image(data, self.spec["image_size"])
         except DECODE_ERRORS as e:
@@ -112,12 +134,16 @@ class Autonomous(Codec):
     def decode(self, request: dict) -> dict[str, np.ndarray]:
         from data_loaders.autonomous import preprocess_images
 
+        h, w = self.spec["image_size"]
+        datas = [_bytes(b64, f"camera {k} image") for k, b64 in enumerate(request["images"])]
+        for k, data in enumerate(datas):  # every header before any pixel is decoded
+            got = image_size(data, f"camera {k} image")
+            if got != (w, h):
+                raise BadInput(f"camera {k} image is {got[0]}x{got[1]} pixels: the model takes {w}x{h}")
         rgbs = []
-        for k, b64 in enumerate(request["images"]):
+        for k, data in enumerate(datas):
             try:
-                rgbs.append(
-                    np.asarray(Image.open(io.BytesIO(_bytes(b64, f"camera {k} image"))).convert("RGB"))
-                )
+                rgbs.append(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
             except DECODE_ERRORS as e:
                 raise BadInput(f"camera {k} image does not decode: {_why(e)}") from None
         try:

@@ -13,10 +13,12 @@ in its typed request and response bodies. Canary weights and batch sizes are use
 moving them reconfigures the running replicas (no restart, no dropped request).
 """
 
+import asyncio
 import inspect
 import logging
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import torch
@@ -56,6 +58,10 @@ class Model:
             tag_keys=("task", "version"),
         )
         self.batch_sizes.set_default_tags({"task": task, "version": version})
+        # decoding (base64, PNG/JPEG) runs beside the event loop, which keeps answering /health
+        # and batching; a fixed pool bounds how many decode at once
+        self.decoders = ThreadPoolExecutor(max_workers=DECODE_THREADS, thread_name_prefix="decode")
+        self.healthy_at = -1e9  # when the example request last predicted finite values
 
     def reconfigure(self, config: dict) -> None:
         """user_config: {max_batch_size, batch_wait_timeout_s}; applied to running replicas."""
@@ -89,10 +95,12 @@ class Model:
     async def predict(self, request: dict) -> dict:
         """{"answer": ..., "drift": {feature: values}} or {"error": why} for a bad request."""
         try:
-            rows = self.codec.decode(request)
+            rows = await asyncio.get_running_loop().run_in_executor(self.decoders, self.codec.decode, request)
         except codecs.BadInput as e:
             return {"error": str(e)}
         output, drift = await self.forward(rows)
+        if not _finite(output):  # an answer of NaN or inf is no answer (and JSON cannot carry it)
+            return {"error": "the model's answer to this input is not finite: check the input's values"}
         return {"answer": self.codec.encode(output, rows, request), "drift": drift}
 
     def check_health(self) -> None:
@@ -100,18 +108,30 @@ class Model:
         request = self.request_type.model_validate(self.codec.example()).model_dump()
         rows = self.codec.decode(request)
         output, _ = self._run([rows])[0]
-        values = output.values() if isinstance(output, dict) else [output]
-        if not all(torch.isfinite(v).all() for v in values):
+        if not _finite(output):
             raise RuntimeError(f"model {self.version} predicts non-finite values")
+        self.healthy_at = time.monotonic()
 
     def info(self) -> dict:
-        self.check_health()
+        """What /health shows: from the last check (Serve runs it every few seconds), so a
+        health request costs no forward pass unless that check is old."""
+        if time.monotonic() - self.healthy_at > HEALTH_MAX_AGE_S:
+            self.check_health()
         return {
             "version": self.version,
             "model": f"{self.card['model']['name']}/{self.card['model']['flavour']}",
             "parameters": self.card["model"]["parameters"],
             "created": self.card.get("created"),
         }
+
+
+DECODE_THREADS = 2
+HEALTH_MAX_AGE_S = 30.0  # Serve's own check runs every 10 s by default
+
+
+def _finite(output) -> bool:
+    values = output.values() if isinstance(output, dict) else [output]
+    return all(bool(torch.isfinite(v).all()) for v in values)
 
 
 class Remote:
@@ -137,10 +157,12 @@ class Ingress:
         models: dict[str, DeploymentHandle | dict],
         references: dict[str, dict | None],
         drift: dict,
+        request_timeout_s: float = 30.0,
     ):
         from jobs.drift import DriftWindow
 
         self.task = task
+        self.request_timeout_s = request_timeout_s
         self.models = {v: Model(**m) if isinstance(m, dict) else Remote(m) for v, m in models.items()}
         self.held = [m for m in self.models.values() if isinstance(m, Model)]
         self.stable, *canary = list(models)
@@ -196,7 +218,14 @@ class Ingress:
         tags = {"task": self.task, "version": version}
         start = time.perf_counter()
         try:
-            result = await self.models[version].call("predict", body.model_dump())
+            result = await asyncio.wait_for(
+                self.models[version].call("predict", body.model_dump()), self.request_timeout_s
+            )
+        except TimeoutError:
+            self.requests.inc(tags={**tags, "status": "error"})
+            raise HTTPException(
+                504, f"no answer within {self.request_timeout_s:g} s (serve.request_timeout_s)"
+            ) from None
         except Exception:
             self.requests.inc(tags={**tags, "status": "error"})
             raise
@@ -256,6 +285,52 @@ class Ingress:
         }
 
 
+class BodyLimit:
+    """ASGI middleware: a body over `max_bytes` gets 413 once that many bytes have arrived,
+    whatever Content-Length claims and whether or not it is sent (chunked bodies are counted as
+    they stream); a Content-Length that is not a number gets 400. What passes is handed on whole."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and not declared.strip().isdigit():
+            return await _reply(scope, receive, send, 400, "Content-Length is not a number")
+        if declared is not None and int(declared) > self.max_bytes:
+            return await _reply(scope, receive, send, 413, self._over(int(declared)))
+        chunks, size, more = [], 0, True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await _reply(scope, receive, send, 413, self._over(size, sent=True))
+            more = message.get("more_body", False)
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+    def _over(self, size: int, sent: bool = False) -> str:
+        what = f"request body of {size}+ bytes sent so far" if sent else f"request body of {size} bytes"
+        return f"{what} is over the limit of {self.max_bytes} (serve.max_body_bytes)"
+
+
+async def _reply(scope, receive, send, status: int, detail: str) -> None:
+    await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
+
+
 def api(task: str, max_body_bytes: int) -> FastAPI:
     """The task's FastAPI app: OpenAPI at /<task>/docs; bodies over the limit get 413."""
     app = FastAPI(
@@ -271,18 +346,7 @@ def api(task: str, max_body_bytes: int) -> FastAPI:
         where = ".".join(str(p) for p in first["loc"] if p != "body") or "body"
         return JSONResponse({"detail": f"{where}: {first['msg']}", "errors": errors}, status_code=422)
 
-    @app.middleware("http")
-    async def limit_body(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is None and request.method == "POST":
-            size = len(await request.body())
-        if size is not None and int(size) > max_body_bytes:
-            return JSONResponse(
-                {"detail": f"request body of {int(size)} bytes is over the limit of {max_body_bytes}"},
-                status_code=413,
-            )
-        return await call_next(request)
-
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
     return app
 
 

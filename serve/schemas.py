@@ -1,14 +1,23 @@
 """Request and response bodies of the three HTTP APIs (pydantic: FastAPI validates them and
 publishes them at /<task>/docs). Malformed or mistyped bodies get 422 with the field named."""
 
-from typing import Literal
+import datetime
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from data_loaders.recsys import CONTEXT_TYPES, REASONS
 
 Reason = Literal[REASONS]  # type: ignore[valid-type]
 ContextType = Literal[CONTEXT_TYPES]  # type: ignore[valid-type]
+# counts a session can hold: bounded, so no value reaches the model as inf or overflows int64
+COUNT = 1_000_000
+TrackId = Annotated[str, Field(min_length=1, max_length=200)]
+
+
+def _calendar_date(value: str) -> str:
+    datetime.date.fromisoformat(value)  # ValueError (-> 422 naming the field) for 2018-13-45
+    return value
 
 
 class Strict(BaseModel):
@@ -92,32 +101,34 @@ class Playback(Strict):
 class HistoryEvent(Playback):
     """A past event of the session as MSSD logs it (what happened to that track)."""
 
-    track_id: str
+    track_id: TrackId
     skip_1: bool = False
     skip_2: bool = False
     skip_3: bool = False
     not_skipped: bool = True
-    hist_user_behavior_n_seekfwd: int = Field(0, ge=0)
-    hist_user_behavior_n_seekback: int = Field(0, ge=0)
+    hist_user_behavior_n_seekfwd: int = Field(0, ge=0, le=COUNT)
+    hist_user_behavior_n_seekback: int = Field(0, ge=0, le=COUNT)
     hist_user_behavior_reason_end: Reason = "trackdone"
 
 
 class ListeningContext(Playback):
     """What is known before the next track plays."""
 
-    date: str = Field("2018-07-15", pattern=r"^\d{4}-\d{2}-\d{2}$", description="YYYY-MM-DD")
+    date: Annotated[str, AfterValidator(_calendar_date)] = Field(
+        "2018-07-15", pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$", description="YYYY-MM-DD, a calendar date"
+    )
     hour_of_day: int = Field(12, ge=0, le=23)
     premium: bool = True
     context_type: ContextType = "user_collection"
     hist_user_behavior_reason_start: Reason = "trackdone"
-    session_position: int = Field(2, ge=1)
-    session_length: int = Field(20, ge=1)
+    session_position: int = Field(2, ge=1, le=COUNT)
+    session_length: int = Field(20, ge=1, le=COUNT)
 
 
 class RecsysRequest(Strict):
     history: list[HistoryEvent] = Field(description="The session so far, oldest first.", max_length=1000)
     context: ListeningContext = ListeningContext()
-    candidates: list[str] = Field(description="Track ids to rank.", min_length=1, max_length=1000)
+    candidates: list[TrackId] = Field(description="Track ids to rank.", min_length=1, max_length=1000)
 
 
 class RankedTrack(BaseModel):

@@ -252,9 +252,105 @@ def test_bad_input_gets_4xx_with_a_message_never_5xx(served):
         detail = r.json()["detail"]
         assert isinstance(detail, str) and detail, (name, r.text[:300])
         print(f"{name}: {r.status_code} {detail[:120]}")
+    # values that pass a type check but no calendar, digit set or int64: 422 naming the field
+    hostile = {
+        "context.date": {"context": {"date": "2018-13-45"}},
+        "context.date ": {"context": {"date": "\uff12\uff10\uff11\uff18-07-15"}},  # fullwidth digits
+        "context.session_position": {"context": {"session_position": 10**40}},
+        "history.0.hist_user_behavior_n_seekfwd": {
+            "history": [{"track_id": "x", "hist_user_behavior_n_seekfwd": 2**64}]
+        },
+    }
+    for field, body in hostile.items():
+        r = requests.post(
+            f"{url}/recsys/predict", json={"history": [], "candidates": ["x"], **body}, timeout=60
+        )
+        assert r.status_code == 422 and r.json()["detail"].startswith(field.strip()), (field, r.text[:300])
+    r = requests.post(f"{url}/retinopathy/predict", data=b"{}", headers={"Content-Length": "abc"}, timeout=60)
+    assert r.status_code == 400 and "Content-Length" in r.json()["detail"], r.text[:300]
     r = requests.post(f"{url}/recsys/predict", json={"history": [], "candidates": ["nope", "nada"]})
     assert "nope" in r.json()["detail"]
     assert "8" in requests.post(f"{url}/autonomous/predict", json={"images": ["x"] * 3}).json()["detail"]
+
+
+def _bomb(width: int, height: int) -> bytes:
+    """A PNG declaring width x height pixels in a few KB (one bit a pixel, all zero)."""
+    buf = io.BytesIO()
+    Image.new("1", (width, height)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _replicas_rss() -> int:
+    import psutil
+
+    total = 0
+    for p in psutil.process_iter(["cmdline"]):
+        if "ServeReplica" in " ".join(p.info["cmdline"] or []):
+            total += p.memory_info().rss
+    return total
+
+
+@pytest.mark.timeout(300)
+def test_image_bombs_are_refused_from_their_headers_while_health_answers(served):
+    url = served["base"]
+    bomb = _b64(_bomb(13000, 13000))
+    bombs = {
+        "1x20000 fundus photo": ("retinopathy", {"image": _b64(_bomb(1, 20000))}),
+        "13000x13000 fundus photo": ("retinopathy", {"image": bomb}),
+        "eight 13000x13000 cameras": ("autonomous", {"images": [bomb] * 8}),
+    }
+    assert len(bombs["eight 13000x13000 cameras"][1]["images"][0]) < 1 << 20  # each fits any body limit
+    checks: list[tuple[int, float]] = []
+    stop = threading.Event()
+
+    def watch():
+        while not stop.is_set():
+            tic = time.perf_counter()
+            code = requests.get(f"{url}/retinopathy/health", timeout=10).status_code
+            checks.append((code, time.perf_counter() - tic))
+            time.sleep(0.05)
+
+    before = _replicas_rss()
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for name, (task, body) in bombs.items():
+            tic = time.perf_counter()
+            r = requests.post(f"{url}/{task}/predict", json=body, timeout=60)
+            took = time.perf_counter() - tic
+            assert r.status_code in (413, 422) and "pixels" in r.json()["detail"], (name, r.text[:300])
+            assert took < 1.0, f"{name}: {took:.2f} s"  # the issue's bound: refused, not decoded
+            print(f"{name}: {r.status_code} in {took * 1000:.0f} ms: {r.json()['detail']}")
+    finally:
+        stop.set()
+        watcher.join()
+    grown = _replicas_rss() - before
+    assert grown < 100e6, f"replicas grew by {grown / 1e6:.0f} MB"
+    assert checks and all(code == 200 and t < 1.0 for code, t in checks), checks
+
+
+@pytest.mark.timeout(300)
+def test_a_chunked_body_over_the_limit_gets_413_without_being_read_whole(served):
+    """64 MiB sent chunked (no Content-Length) to an 8 MiB endpoint: counted as it streams."""
+    import select
+
+    limit = served["config"]["applications"][0]["args"]["max_body_bytes"]
+    head = b"POST /retinopathy/predict HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+    head += b"Transfer-Encoding: chunked\r\n\r\n"
+    chunk = b"A" * (1 << 20)
+    sent = 0
+    with socket.create_connection(("127.0.0.1", served["config"]["http_options"]["port"]), timeout=30) as s:
+        s.sendall(head)
+        while sent < 64 << 20 and not select.select([s], [], [], 0)[0]:
+            try:
+                s.sendall(b"%x\r\n" % len(chunk) + chunk + b"\r\n")
+            except (BrokenPipeError, ConnectionResetError, TimeoutError):
+                break
+            sent += len(chunk)
+        reply = s.recv(65536)
+    print(f"413 after {sent >> 20} MiB sent (limit {limit >> 20} MiB)")
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:300]
+    assert b"over the limit" in reply and sent <= 2 * limit + (4 << 20), sent
 
 
 def _share(result: dict, version: str) -> float:
