@@ -165,7 +165,9 @@ def reference_for(
         for batch in task.iter_split(data_root, split, batch_size, **input_spec):
             x = task.inputs(batch, cpu, torch.float32)
             n = len(x[0])
-            keep = torch.arange(-seen % stride, n, stride)[: max_rows - rows]
+            # the rows at positions seen+i that fall on the stride (none in a batch shorter than
+            # the gap to the next one: an imported day's last shard may be a few rows)
+            keep = torch.arange(n)[-seen % stride :: stride][: max_rows - rows]
             seen += n
             if len(keep):
                 pending.append(tuple(t[keep] for t in x))

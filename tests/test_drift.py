@@ -126,6 +126,10 @@ def test_retinopathy_reference_flags_brightness_but_not_the_test_split(tiny_data
     ref = reference_for(model, "retinopathy", tiny_data, spec)
     assert model.training  # its mode is restored
     assert ref["split"] == "val" and ref["rows"] > 200
+    # batches shorter than the stride (an imported day's last rows): every stride-th row still
+    small = reference_for(model, "retinopathy", tiny_data, spec, max_rows=20, batch_size=3)
+    total = json.loads((tiny_data / "manifest.json").read_text())["splits"]["val"]["rows"]
+    assert small["rows"] == min(20, len(range(0, total, -(-total // 20))))
     names = {"image_mean", "image_std", "red_mean", "green_mean", "blue_mean", "referable_prob", "confidence"}
     assert set(ref["features"]) == names
     assert all(f["rows"] == ref["rows"] for f in ref["features"].values())
