@@ -22,6 +22,7 @@ import re
 from datetime import datetime, timezone
 from pathlib import Path
 
+from data_loaders.shards import sha256_file
 from jobs import tasks
 from jobs.errors import UserError
 from jobs.export import CARD, WEIGHTS
@@ -37,14 +38,6 @@ def check_version(version: str) -> str:
     if not VERSION.fullmatch(str(version)):
         raise UserError(f"'{version}' is not a registry version (v1, v2, ...)")
     return version
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _now() -> str:
@@ -132,15 +125,15 @@ class Registry:
         ]
         return sorted(names, key=lambda v: int(v[1:]))
 
-    def _complete(self, task: str) -> list[str]:
+    def _complete(self, task: str, complete: bool = True) -> list[str]:
+        """The version folders with a stage (or, complete=False, those without one)."""
         folders = self._folders(task)
         stages = self.fs.get_file_info([self._path(task, v, STAGE) for v in folders])
-        return [v for v, info in zip(folders, stages, strict=True) if info.size is not None]
+        return [v for v, info in zip(folders, stages, strict=True) if (info.size is not None) == complete]
 
     def incomplete(self, task: str) -> list[str]:
         """Version folders without a stage: registrations cut short (skipped by every reader)."""
-        done = set(self._complete(task))
-        return [v for v in self._folders(task) if v not in done]
+        return self._complete(task, complete=False)
 
     def versions(self, task: str) -> list[dict]:
         """Every version of a task, oldest first: its card (with test metrics) and its stage."""
@@ -195,7 +188,7 @@ class Registry:
             if info.type != fs.FileType.File or rel == STAGE:
                 continue
             fetched = local.is_file() and local.stat().st_size == info.size
-            if fetched and (rel not in sums or sha256_of(local) == sums[rel]):
+            if fetched and (rel not in sums or sha256_file(str(local)) == sums[rel]):
                 continue
             local.parent.mkdir(parents=True, exist_ok=True)
             partial = local.with_name(local.name + ".part")  # never a half-copied file under its name
@@ -205,7 +198,7 @@ class Registry:
                 source_filesystem=self.fs,
                 destination_filesystem=fs.LocalFileSystem(),
             )
-            if rel in sums and sha256_of(partial) != sums[rel]:
+            if rel in sums and sha256_file(str(partial)) != sums[rel]:
                 partial.unlink()
                 raise UserError(
                     f"registry {self.uri}: {task} {entry['version']}/{rel} does not match its card's sha256"
@@ -254,7 +247,7 @@ class Registry:
                 continue
             if "/" in rel:
                 self.fs.create_dir(self._path(task, version, *rel.split("/")[:-1]), recursive=True)
-            sums[rel] = sha256_of(path)
+            sums[rel] = sha256_file(str(path))
             fs.copy_files(
                 str(path),
                 self._path(task, version, *rel.split("/")),

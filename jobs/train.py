@@ -179,11 +179,11 @@ def train(
     # one process trains a run at a time; a killed one leaves no lock (jobs.storage). The wait
     # covers a killed sweep's trial actors, which Ray stops a few seconds after their driver.
     with Lock(None, str(run_dir / RUN_LOCK), f"run {run_dir}", wait_s=RUN_LOCK_WAIT_S):
-        previous = same_run(recipe)
+        same_run(recipe)
         embedded = not (address or os.environ.get("RAY_ADDRESS"))
         check_recipe(recipe, embedded)
         manifest = prepare_data(recipe)  # no Ray needed: data mistakes surface in seconds
-        same_data(recipe, previous, manifest)
+        same_data(recipe, manifest)
         save_recipe(recipe, run_dir / "config.yaml")
         (run_dir / RUN_DATA).write_text(json.dumps({"fingerprint": manifest["fingerprint"]}))
         steps = plan_steps(recipe, manifest)
@@ -242,10 +242,8 @@ def same_run(recipe: RecipeBase) -> RecipeBase | None:
     return old
 
 
-def same_data(recipe: RecipeBase, previous: RecipeBase | None, manifest: dict) -> None:
+def same_data(recipe: RecipeBase, manifest: dict) -> None:
     """An existing run goes on with the data it trained on (its fingerprint), or refuses."""
-    if previous is None:
-        return
     recorded = recipe.run_dir / RUN_DATA
     fingerprint = json.loads(recorded.read_text())["fingerprint"] if recorded.is_file() else None
     if fingerprint and fingerprint != manifest["fingerprint"]:
