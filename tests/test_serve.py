@@ -8,6 +8,7 @@ import base64
 import io
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -395,7 +396,10 @@ def test_a_chunked_body_over_the_limit_gets_413_without_being_read_whole(served)
         reply = s.recv(65536)
     print(f"413 after {sent >> 20} MiB sent (limit {limit >> 20} MiB)")
     assert reply.startswith(b"HTTP/1.1 413"), reply[:300]
-    assert b"over the limit" in reply and sent <= 2 * limit + (4 << 20), sent
+    # what the server read, in its own words: the client's count also holds what the socket
+    # buffers and HAProxy had taken in before the 413 came back (26 MiB seen on a loaded machine)
+    read = re.search(rb"request body of (\d+)\+ bytes sent so far is over the limit", reply)
+    assert read and limit < int(read[1]) <= limit + (2 << 20), reply[-300:]
 
 
 def _share(result: dict, version: str) -> float:
