@@ -352,6 +352,16 @@ class RunSection(Section):
     """Let a run started again go on with another model, task or data (refused by default: its
     checkpoints hold the old model)."""
 
+    @model_validator(mode="after")
+    def _local_output(self) -> RunSection:
+        from data_loaders.errors import DataError, check_local
+
+        try:
+            check_local(output_dir=self.output_dir)
+        except DataError as err:
+            raise ValueError(str(err)) from None
+        return self
+
 
 class WandbSection(Section):
     mode: Literal["offline", "online", "disabled"] = "offline"

@@ -87,6 +87,21 @@ def test_missing_data_path(tmp_path):
 
 
 @pytest.mark.timeout(120)
+def test_object_storage_uris_are_refused_before_anything_is_written(tmp_path):
+    """A bucket URI is not yet read or written (issue 21): one line, and no local folder named
+    `s3:` or `gs:` where the user stands."""
+    line = one_line_error(
+        deepfleet("train", RECIPE, "--profile", "tiny", "--set", "data.root=s3://bucket/data", cwd=tmp_path)
+    )
+    assert "root is s3://bucket/data: object storage is not read or written here yet" in line, line
+    line = one_line_error(
+        deepfleet("train", RECIPE, "--profile", "tiny", "--output-dir", "gs://b/runs", cwd=tmp_path)
+    )
+    assert "output_dir is gs://b/runs: object storage" in line, line
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.timeout(120)
 def test_corrupt_or_truncated_shard_is_named(tiny_data, tmp_path):
     root = tmp_path / "data"
     shutil.copytree(tiny_data, root)

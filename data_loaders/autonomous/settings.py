@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ..errors import DataError
+from ..errors import DataError, check_local
 from ..shards import check_at_least, check_choice, check_fractions, check_source
 from .camera import image_hw
 from .schema import BAD_SAMPLE_POLICIES, SOURCES
@@ -35,6 +35,7 @@ class AutonomousSettings:
 
     def __post_init__(self) -> None:
         check_source(self.source, SOURCES)
+        check_local(root=self.root, import_path=self.import_path)
         check_choice("on_bad_sample", self.on_bad_sample, BAD_SAMPLE_POLICIES)
         check_fractions(self.val_fraction, self.test_fraction)
         try:

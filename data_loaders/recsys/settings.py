@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime as _dt
 from dataclasses import dataclass
 
-from ..errors import DataError
+from ..errors import DataError, check_local
 from ..shards import check_at_least, check_choice, check_fractions, check_source
 from .schema import BAD_ROW_POLICIES, SOURCES, split_days
 
@@ -42,6 +42,7 @@ class RecsysSettings:
 
     def __post_init__(self) -> None:
         check_source(self.source, SOURCES)
+        check_local(root=self.root, import_path=self.import_path)
         check_choice("on_bad_row", self.on_bad_row, BAD_ROW_POLICIES)
         check_at_least(
             history_len=(self.history_len, 1),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..errors import DataError
+from ..errors import DataError, check_local
 from ..shards import check_at_least, check_choice, check_fractions, check_source
 from .schema import BAD_IMAGE_POLICIES, SOURCES
 
@@ -31,6 +31,7 @@ class RetinopathySettings:
 
     def __post_init__(self) -> None:
         check_source(self.source, SOURCES)
+        check_local(root=self.root, import_path=self.import_path)
         check_choice("on_bad_image", self.on_bad_image, BAD_IMAGE_POLICIES)
         check_fractions(self.val_fraction, self.test_fraction)
         check_at_least(rows_per_shard=(self.rows_per_shard, 1))
