@@ -79,6 +79,35 @@ def tiny_data(tmp_path_factory) -> Path:
     return root
 
 
+S3_BUCKET = "deepfleet-test"
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A real S3-protocol server on loopback (moto in server mode, in this process's threads) and
+    the standard AWS variables pointing at it, as boto3 and pyarrow read them; `deepfleet`
+    subprocesses started meanwhile inherit them. Yields the bucket's s3:// URI."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+        "AWS_ACCESS_KEY_ID": "deepfleet-test",
+        "AWS_SECRET_ACCESS_KEY": f"secret-{os.urandom(8).hex()}",  # a file holding it is a leak
+        "AWS_REGION": "us-east-1",
+    }
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
+    yield f"s3://{S3_BUCKET}"
+    server.stop()
+    for k, v in before.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+
+
 def _tiny(task: str, *sets: str):
     from jobs.config import load_recipe
 
