@@ -328,6 +328,10 @@ def serve(
     address: Address = None,
     host: Annotated[str, typer.Option(help="HTTP host of Serve's proxy.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="HTTP port of Serve's proxy.")] = 8000,
+    api_key_env: Annotated[
+        str | None,
+        typer.Option(help="Environment variable holding an API key that requests must carry (Bearer)."),
+    ] = None,
 ):
     """Serve the registry's models on Ray Serve (HTTP, batching, autoscaling, canary, drift)."""
     from cluster.local import connect
@@ -339,7 +343,7 @@ def serve(
     if len(canaries) != len(canary or []):
         raise UserError(f"--canary takes TASK=VERSION, got {', '.join(canary or [])}")
     if config:
-        cfg = deploy.override(deploy.load(config), registry)
+        cfg = deploy.override(deploy.load(config), registry, api_key_env)
     else:
         registry = registry or "registry"
         tasks = task or [t for t in Registry(registry).tasks() if Registry(registry).production(t)]
@@ -347,7 +351,7 @@ def serve(
             raise UserError(
                 f"no model in production in {registry} (deepfleet promote ... --stage production)"
             )
-        cfg = deploy.config_for(tasks, registry, host, port, canaries, canary_percent)
+        cfg = deploy.config_for(tasks, registry, host, port, canaries, canary_percent, api_key_env)
     deploy.check_models(cfg)
     embedded = not (address or os.environ.get("RAY_ADDRESS"))
     connect(address)

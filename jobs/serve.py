@@ -102,11 +102,14 @@ def config_for(
     port: int = 8000,
     canary: dict[str, str] | None = None,
     canary_percent: float = 0,
+    api_key_env: str | None = None,
 ) -> dict:
     """A Serve config for these tasks' production models (and canaries) in a registry."""
     apps = []
     for task in tasks:
         args: dict[str, Any] = {"task": task, "registry": registry}
+        if api_key_env:
+            args["api_key_env"] = api_key_env
         if canary and task in canary:
             args |= {"canary": canary[task], "canary_percent": canary_percent}
         apps.append({"name": task, "route_prefix": f"/{task}", "import_path": IMPORT_PATH, "args": args})
@@ -115,12 +118,12 @@ def config_for(
     )
 
 
-def override(config: dict, registry: str | None) -> dict:
-    """The config with every application's registry replaced (a file written for a cluster,
-    served from a local registry)."""
+def override(config: dict, registry: str | None, api_key_env: str | None = None) -> dict:
+    """The config with every application's registry (a file written for a cluster, served from a
+    local registry) and API key variable replaced where given."""
     for app in config["applications"]:
-        if registry and app.get("import_path") == IMPORT_PATH:
-            app["args"]["registry"] = registry
+        if app.get("import_path") == IMPORT_PATH:
+            app["args"] |= {k: v for k, v in (("registry", registry), ("api_key_env", api_key_env)) if v}
     return validate(config)
 
 
@@ -147,12 +150,14 @@ def dashboard_url() -> str:
 
 def check_models(config: dict) -> None:
     """Fail here, in one line, when a registry version is missing, before Serve builds anything."""
-    from serve.app import ServeArgs, versions
+    from serve.app import ServeArgs, key_digest, versions
 
     for app in config["applications"]:
         if app.get("import_path") == IMPORT_PATH:
             try:
-                versions(ServeArgs.model_validate(app["args"]))
+                args = ServeArgs.model_validate(app["args"])
+                key_digest(args)  # an API key variable that is not set here
+                versions(args)
             except (UserError, ValueError) as e:
                 raise UserError(f"application {app['name']}: {e}") from None
 

@@ -5,6 +5,9 @@ serve deploy configs/serve/deepfleet.yaml        # the three tasks, see that fil
 deepfleet serve                                   # the same, on an embedded cluster by default
 """
 
+import hashlib
+import os
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray import serve
 from ray.serve import Application
@@ -76,6 +79,12 @@ class ServeArgs(Args):
         30.0, gt=0, description="A prediction not answered within this many seconds gets 504."
     )
     drift: Drift = Drift()
+    api_key_env: str | None = Field(
+        None,
+        description="Name of an environment variable (of the process that builds the application) "
+        "holding an API key: /predict and /drift then need `Authorization: Bearer <key>` (401 "
+        "without); /health stays open. The key itself is never in the config.",
+    )
 
     @field_validator("task")
     @classmethod
@@ -106,6 +115,17 @@ def versions(args: ServeArgs) -> list[dict]:
     return out
 
 
+def key_digest(args: ServeArgs) -> str | None:
+    """The sha256 of the API key named by `api_key_env` (None without one): the ingress compares
+    digests, so the key itself reaches neither Serve's config nor the replicas."""
+    if args.api_key_env is None:
+        return None
+    key = os.environ.get(args.api_key_env, "")
+    if not key.strip():
+        raise ValueError(f"api_key_env names {args.api_key_env}, which is not set (or empty) here")
+    return hashlib.sha256(key.strip().encode()).hexdigest()
+
+
 def build(args: ServeArgs) -> Application:
     """One version: a single deployment, the ingress holding the model (one hop per request,
     scaled by `autoscaling`, batching in its user_config). With a canary: the ingress (one
@@ -124,7 +144,9 @@ def build(args: ServeArgs) -> Application:
         }
         for e in entries
     }
-    front = serve.deployment(ingress(args.task, args.max_body_bytes)).options(name="ingress")
+    front = serve.deployment(ingress(args.task, args.max_body_bytes, key_digest(args))).options(
+        name="ingress"
+    )
     replicas = {
         "max_ongoing_requests": args.max_ongoing_requests,
         "autoscaling_config": args.autoscaling.model_dump(),

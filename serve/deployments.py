@@ -14,6 +14,8 @@ moving them reconfigures the running replicas (no restart, no dropped request).
 """
 
 import asyncio
+import hashlib
+import hmac
 import inspect
 import logging
 import random
@@ -327,12 +329,34 @@ class BodyLimit:
         return f"{what} is over the limit of {self.max_bytes} (serve.max_body_bytes)"
 
 
+class ApiKey:
+    """ASGI middleware: every request but `/health` carries `Authorization: Bearer <key>` whose
+    sha256 is `digest` (compared in constant time), else 401 before its body is read."""
+
+    def __init__(self, app, digest: str):
+        self.app, self.digest = app, digest
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope["path"].rstrip("/").endswith("/health"):
+            return await self.app(scope, receive, send)
+        scheme, _, token = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1").partition(" ")
+        presented = hashlib.sha256(token.strip().encode()).hexdigest()
+        if scheme.lower() != "bearer" or not hmac.compare_digest(presented, self.digest):
+            detail = "a valid API key is required: Authorization: Bearer <key> (serve.api_key_env)"
+            response = JSONResponse(
+                {"detail": detail}, status_code=401, headers={"WWW-Authenticate": "Bearer"}
+            )
+            return await response(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 async def _reply(scope, receive, send, status: int, detail: str) -> None:
     await JSONResponse({"detail": detail}, status_code=status)(scope, receive, send)
 
 
-def api(task: str, max_body_bytes: int) -> FastAPI:
-    """The task's FastAPI app: OpenAPI at /<task>/docs; bodies over the limit get 413."""
+def api(task: str, max_body_bytes: int, key_digest: str | None = None) -> FastAPI:
+    """The task's FastAPI app: OpenAPI at /<task>/docs; bodies over the limit get 413; with an
+    API key's digest, requests without the key get 401 (checked first: before the body)."""
     app = FastAPI(
         title=f"deepfleet {task}",
         description=f"Predictions of the {task} model in production (and its canary).",
@@ -347,14 +371,16 @@ def api(task: str, max_body_bytes: int) -> FastAPI:
         return JSONResponse({"detail": f"{where}: {first['msg']}", "errors": errors}, status_code=422)
 
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes)
+    if key_digest:
+        app.add_middleware(ApiKey, digest=key_digest)  # added last: runs first
     return app
 
 
-def ingress(task: str, max_body_bytes: int):
+def ingress(task: str, max_body_bytes: int, key_digest: str | None = None):
     """The task's ingress deployment class: `Ingress` with typed routes for its bodies."""
     from jobs import tasks
 
-    app = api(task, max_body_bytes)
+    app = api(task, max_body_bytes, key_digest)
     serving = tasks.spec(task).api
     request_type, response_type = serving.request, serving.response
 

@@ -23,6 +23,10 @@ CONFIGS = ROOT / "configs"
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# Secrets in the environment of this process and of every cluster it starts (set before any
+# starts): the served plugin's API key; test_tune's last test finds none of them in a file.
+SECRETS = {"DEEPFLEET_TEST_API_KEY": f"key-{os.urandom(16).hex()}"}
+os.environ.update(SECRETS)
 
 PLUGINS = ROOT / "tests" / "plugins"
 PLUGIN_SITE = pytest.StashKey[Path]()

@@ -12,7 +12,8 @@ import subprocess
 import pytest
 import requests
 
-from tests.test_cli import deepfleet
+from tests.conftest import SECRETS
+from tests.test_cli import deepfleet, one_line_error
 from tests.test_serve import _free_port
 
 
@@ -53,26 +54,32 @@ def test_a_plugin_task_trains_tunes_registers_and_serves(ray_local, tmp_path):
         )
     )  # fmt: skip
 
-    # serve: the production version answers over HTTP with the plugin's own bodies
+    # serve: the production version answers over HTTP with the plugin's own bodies, to clients
+    # that carry the API key (conftest's DEEPFLEET_TEST_API_KEY); a variable that is not set is
+    # refused in one line before anything deploys
     port = _free_port()
-    served = _ok(
-        deepfleet("serve", "--task", "sentiment", "--registry", str(registry), "--address", address,
-                   "--port", str(port))
-    )  # fmt: skip
+    serving = ["serve", "--task", "sentiment", "--registry", str(registry), "--address", address]
+    serving += ["--port", str(port), "--api-key-env"]
+    line = one_line_error(deepfleet(*serving, "DEEPFLEET_NO_SUCH_KEY"))
+    assert "api_key_env names DEEPFLEET_NO_SUCH_KEY, which is not set" in line, line
+    served = _ok(deepfleet(*serving, "DEEPFLEET_TEST_API_KEY"))
     try:
         url = f"http://127.0.0.1:{port}/sentiment"
         assert f"{url}/predict" in served.stdout, served.stdout
-        praise = requests.post(
-            f"{url}/predict", json={"text": "a great catchy chorus, lovely and fresh"}, timeout=60
-        )
+        key = {"Authorization": f"Bearer {SECRETS['DEEPFLEET_TEST_API_KEY']}"}
+        praise_body = {"text": "a great catchy chorus, lovely and fresh"}
+        for headers in ({}, {"Authorization": "Bearer not-the-key"}):
+            refused = requests.post(f"{url}/predict", json=praise_body, headers=headers, timeout=60)
+            assert refused.status_code == 401 and "API key" in refused.json()["detail"], refused.text
+        praise = requests.post(f"{url}/predict", json=praise_body, headers=key, timeout=60)
         complaint = requests.post(
-            f"{url}/predict", json={"text": "the dull boring verse was awful"}, timeout=60
+            f"{url}/predict", json={"text": "the dull boring verse was awful"}, headers=key, timeout=60
         )
         assert praise.status_code == complaint.status_code == 200, praise.text + complaint.text
         assert praise.json()["label"] == "positive" and complaint.json()["label"] == "negative"
         assert praise.json()["version"] == entry["version"] == praise.headers["X-Model-Version"]
-        bad = requests.post(f"{url}/predict", json={"text": "great", "stars": 5}, timeout=60)
+        bad = requests.post(f"{url}/predict", json={"text": "great", "stars": 5}, headers=key, timeout=60)
         assert bad.status_code == 422 and "stars" in bad.json()["detail"], bad.text
-        assert requests.get(f"{url}/health", timeout=60).json()["status"] == "ok"
+        assert requests.get(f"{url}/health", timeout=60).json()["status"] == "ok"  # open to probes
     finally:
         serve.shutdown()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import CONFIGS, ROOT
+from tests.conftest import CONFIGS, ROOT, SECRETS
 from tests.test_cli import deepfleet, one_line_error
 
 RECIPE = str(CONFIGS / "retinopathy.yaml")
@@ -276,3 +276,25 @@ def test_optuna_search_starts_from_the_recipe_defaults():
     assert searcher.suggest("first") == {"train": {"lr": recipe.train.lr}, "model": {"id_dropout": 0.3}}
     second = searcher.suggest("second")
     assert 1e-3 <= second["train"]["lr"] <= 1e-2 and 0.1 <= second["model"]["id_dropout"] <= 0.5
+
+
+@pytest.mark.timeout(300)
+def test_no_secret_of_the_environment_lands_in_a_file(sweep, tmp_path_factory):
+    """Last in the suite (this module is last): every file the session's runs, sweeps, exports,
+    registries and served models wrote (at least this module's sweep: its trials, W&B's offline
+    runs, the registry) is free of the secrets in the environment (conftest.SECRETS: in the
+    environment of every process and cluster here)."""
+    base = tmp_path_factory.getbasetemp()
+    secrets = [v.encode() for v in SECRETS.values()]
+    files, leaks = 0, []
+    for path in (p for p in base.rglob("*") if p.is_file() and not p.is_symlink()):
+        files += 1
+        with open(path, "rb") as f:
+            tail = b""
+            while block := f.read(1 << 22):
+                if any(s in tail + block for s in secrets):
+                    leaks.append(str(path.relative_to(base)))
+                    break
+                tail = block[-64:]
+    print(f"{files} files under {base} read")
+    assert files > 100 and not leaks, leaks
