@@ -278,7 +278,7 @@ def test_optuna_search_starts_from_the_recipe_defaults():
     assert 1e-3 <= second["train"]["lr"] <= 1e-2 and 0.1 <= second["model"]["id_dropout"] <= 0.5
 
 
-@pytest.mark.timeout(300)
+@pytest.mark.timeout(1800)  # alone, it pays for the module's sweep
 def test_no_secret_of_the_environment_lands_in_a_file(sweep, tmp_path_factory):
     """Last in the suite (this module is last): every file the session's runs, sweeps, exports,
     registries and served models wrote (at least this module's sweep: its trials, W&B's offline
