@@ -123,7 +123,8 @@ def override(config: dict, registry: str | None, api_key_env: str | None = None)
     local registry) and API key variable replaced where given."""
     for app in config["applications"]:
         if app.get("import_path") == IMPORT_PATH:
-            app["args"] |= {k: v for k, v in (("registry", registry), ("api_key_env", api_key_env)) if v}
+            given = {"registry": registry, "api_key_env": api_key_env}
+            app["args"] |= {k: v for k, v in given.items() if v}
     return validate(config)
 
 

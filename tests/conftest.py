@@ -103,13 +103,12 @@ def s3():
         "AWS_SECRET_ACCESS_KEY": f"secret-{os.urandom(8).hex()}",  # a file holding it is a leak
         "AWS_REGION": "us-east-1",
     }
-    before = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
-    yield f"s3://{S3_BUCKET}"
+    with pytest.MonkeyPatch.context() as mp:  # the variables go back as they were afterwards
+        for k, v in env.items():
+            mp.setenv(k, v)
+        boto3.client("s3").create_bucket(Bucket=S3_BUCKET)
+        yield f"s3://{S3_BUCKET}"
     server.stop()
-    for k, v in before.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def _tiny(task: str, *sets: str):
